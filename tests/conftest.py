@@ -1,0 +1,39 @@
+"""Shared fixtures: small, deterministic subsets of the shared datasets."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dataset_tools.locate import shared_datasets_dir
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return shared_datasets_dir()
+
+
+def make_subset(src_split: Path, dst: Path, classes: int, per_class: int) -> Path:
+    """Copy the first ``per_class`` files of the first ``classes`` class folders
+    (sorted) into an ImageFolder at ``dst``."""
+    class_dirs = sorted(p for p in src_split.iterdir() if p.is_dir())[:classes]
+    for cdir in class_dirs:
+        out = dst / cdir.name
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(cdir.iterdir())[:per_class]:
+            shutil.copyfile(f, out / f.name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def cifar_subset(data_root, tmp_path_factory) -> Path:
+    """CIFAR-100 train: 10 classes x 20 PNGs (32x32)."""
+    return make_subset(data_root / "cifar100" / "train", tmp_path_factory.mktemp("cifar_sub"), 10, 20)
+
+
+@pytest.fixture(scope="session")
+def imagenette_subset(data_root, tmp_path_factory) -> Path:
+    """Imagenette-224 train: 10 classes x 8 JPEGs (224x224)."""
+    return make_subset(data_root / "imagenette-224" / "train",
+                       tmp_path_factory.mktemp("inette_sub"), 10, 8)
