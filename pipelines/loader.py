@@ -1,0 +1,162 @@
+"""The loader contract shared by all backends, and the factory.
+
+``create_loader(cfg)`` returns an iterable of :class:`~pipelines.batch.Batch`
+whatever the backend (``reference`` | ``ffcv`` | ``dali``); the trainer only
+sees this. Backends differ in how they read, decode, crop and resize; they
+share the epoch/view bookkeeping and the final on-device batch assembly
+(:func:`finish_batch`), so their outputs agree.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from dataset_tools.store import Store, open_store
+from pipelines.batch import Batch
+from pipelines.views import ViewConfig, epoch_view_ids, view_params
+
+BACKENDS = {
+    "reference": "pipelines.reference:ReferenceLoader",
+    "ffcv": "pipelines.ffcv_backend:FFCVLoader",
+    "dali": "pipelines.dali_backend:DALILoader",
+}
+
+
+@dataclass
+class LoaderConfig:
+    backend: str = "reference"  # reference | ffcv | dali
+    store: str = ""  # a converted split (OUT_DIR of dataset_tools/convert.py)
+    lowres: bool = False  # read the low-res companion store (student view only)
+    batch_size: int = 256
+    num_workers: int = 2  # worker processes / threads of the backend
+    shuffle: bool = True
+    seed: int = 0
+    drop_last: bool = True
+    student_resolution: int = 32
+    teacher_resolution: int = 0  # > 0: also yield the teacher view, same crop, this size
+    train: bool = True  # False: view 0 (whole image), no flip
+    fixed_view: Optional[int] = None  # every sample uses this view id (teacher-cache filling)
+    num_views: int = 0  # K replayable views per sample; 0 = fresh crop every epoch
+    scale: tuple[float, float] = (0.35, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = True
+    channels_last: bool = False
+    reduced_decode: bool = True  # decode JPEGs at a reduced DCT scale when much larger than needed
+    expected_fingerprint: Optional[str] = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def view_config(self) -> ViewConfig:
+        return ViewConfig(seed=self.seed, num_views=self.num_views, scale=tuple(self.scale),
+                          ratio=tuple(self.ratio), flip=self.flip and self.train)
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) from torch.distributed when initialized, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class BaseLoader(abc.ABC):
+    """Common state of every backend: store, device, epoch, sharding, views."""
+
+    def __init__(self, cfg: LoaderConfig, rank: Optional[int] = None,
+                 world_size: Optional[int] = None):
+        if cfg.lowres and cfg.teacher_resolution:
+            raise ValueError("lowres=True reads the low-res store, which cannot provide the "
+                             "full-resolution teacher view; set teacher_resolution=0 or lowres=False")
+        self.cfg = cfg
+        self.store: Store = open_store(cfg.store, cfg.expected_fingerprint)
+        self.device = cfg.resolve_device()
+        r, w = dist_info()
+        self.rank = r if rank is None else rank
+        self.world_size = w if world_size is None else world_size
+        self.views = cfg.view_config()
+        self.epoch = 0
+        mean = torch.tensor(self.store.mean, dtype=torch.float32) * 255
+        std = torch.tensor(self.store.std, dtype=torch.float32) * 255
+        self._mean = mean.view(1, 3, 1, 1).to(self.device)
+        self._std = std.view(1, 3, 1, 1).to(self.device)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch: shuffling order and (random mode) the crops."""
+        self.epoch = int(epoch)
+
+    def view_ids_for(self, indices: np.ndarray) -> np.ndarray:
+        """View id of each sample in the current epoch."""
+        if self.cfg.fixed_view is not None:
+            return np.full(len(indices), self.cfg.fixed_view, dtype=np.int64)
+        if not self.cfg.train:
+            return np.zeros(len(indices), dtype=np.int64)
+        return epoch_view_ids(self.views, indices, self.epoch)
+
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples this rank sees per epoch (padded like DistributedSampler)."""
+        n = self.store.num_samples
+        if self.world_size == 1:
+            return n
+        return -(-n // self.world_size)
+
+    def __len__(self) -> int:
+        n, b = self.samples_per_rank, self.cfg.batch_size
+        return n // b if self.cfg.drop_last else -(-n // b)
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def close(self) -> None:
+        """Release threads/processes; safe to call twice."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def finish_batch(self, student: torch.Tensor, labels, indices, view_ids,
+                     teacher: Optional[torch.Tensor] = None) -> Batch:
+        """Uint8 images (NCHW or NHWC, any device) -> normalized float Batch on
+        the training device, with the view parameters of each sample."""
+        idx_np = np.asarray(indices.cpu() if torch.is_tensor(indices) else indices, dtype=np.int64)
+        vid_np = np.asarray(view_ids.cpu() if torch.is_tensor(view_ids) else view_ids, dtype=np.int64)
+        boxes, flips = view_params(self.views, idx_np, vid_np)
+        dev = self.device
+        return Batch(
+            student=self._normalize(student),
+            teacher=None if teacher is None else self._normalize(teacher),
+            labels=torch.as_tensor(labels).to(dev, torch.long, non_blocking=True).view(-1),
+            indices=torch.from_numpy(idx_np).to(dev, non_blocking=True),
+            boxes=torch.from_numpy(boxes).to(dev, non_blocking=True),
+            flips=torch.from_numpy(flips).to(dev, non_blocking=True),
+            view_ids=torch.from_numpy(vid_np).to(dev, non_blocking=True),
+        )
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4:
+            raise ValueError(f"expected a 4-d image batch, got shape {tuple(images.shape)}")
+        if images.shape[1] != 3 and images.shape[-1] == 3:  # NHWC -> NCHW view
+            images = images.permute(0, 3, 1, 2)
+        x = images.to(self.device, non_blocking=True).float()
+        x = (x - self._mean) / self._std
+        fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
+
+
+def create_loader(cfg: LoaderConfig, rank: Optional[int] = None,
+                  world_size: Optional[int] = None) -> BaseLoader:
+    """Build the configured backend (imported lazily: FFCV/DALI are heavy)."""
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"unknown loader backend {cfg.backend!r}; choose one of {sorted(BACKENDS)}")
+    module, cls = BACKENDS[cfg.backend].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg, rank=rank, world_size=world_size)
