@@ -16,9 +16,9 @@ from typing import Any, BinaryIO
 import numpy as np
 
 try:
-    from numpy._core import multiarray as _multiarray
+    from numpy._core import multiarray as _multiarray, numeric as _numeric
 except ImportError:  # numpy < 2
-    from numpy.core import multiarray as _multiarray
+    from numpy.core import multiarray as _multiarray, numeric as _numeric
 
 
 def _encode_latin1(text: str, encoding: str = "latin1") -> bytes:
@@ -33,6 +33,9 @@ def _encode_latin1(text: str, encoding: str = "latin1") -> bytes:
 ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy.core.multiarray", "_reconstruct"): _multiarray._reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _multiarray._reconstruct,
+    # protocol 5: frombuffer(buffer, dtype).reshape(shape); refuses object dtypes
+    ("numpy.core.numeric", "_frombuffer"): _numeric._frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _numeric._frombuffer,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _encode_latin1,

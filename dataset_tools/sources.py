@@ -204,7 +204,7 @@ def detect_kind(p: Path) -> str:
     if tarfile.is_tarfile(p):
         return "tar"
     raise SourceError(f"{p}: cannot tell what kind of dataset this is (not a folder, tar, "
-                      f"CIFAR pickle or HDF5 file); pass the kind explicitly (--kind)")
+                      f"CIFAR pickle or HDF5 file); pass the kind explicitly (--source-kind)")
 
 
 def _is_cifar_dir(p: Path) -> bool:
