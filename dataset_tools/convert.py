@@ -1,0 +1,319 @@
+"""Convert an image dataset into the stores the loaders read (see store.py).
+
+    python dataset_tools/convert.py SRC OUT_DIR [options]   # convert one split
+    python dataset_tools/convert.py verify OUT_DIR          # re-check a converted split
+
+SRC is an ImageFolder, a tar of one, a CIFAR pickle folder/file or an HDF5
+file (see dataset_tools/sources.py). Items are decoded, validated, resized,
+encoded and hashed in ``--workers`` processes; the main process appends the
+results in sample order to the FFCV ``.beton`` files and the webdataset
+shards, so outputs are byte-identical whatever the worker count. Everything
+is written to a staging directory beside OUT_DIR and swapped in at the end.
+(To convert a folder literally named ``verify``, write ``./verify``.)
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a plain checkout
+    _root = str(Path(__file__).resolve().parent.parent)
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path[0] = _root  # don't let dataset_tools/*.py shadow top-level modules
+    elif _root not in sys.path:
+        sys.path.insert(0, _root)
+
+import argparse
+import functools
+import multiprocessing as mp
+import os
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator, Optional
+
+from tqdm import tqdm
+
+from dataset_tools import manifest as mf
+from dataset_tools.atomic import Staging, write_text_atomic
+from dataset_tools.store import MANIFEST_NAME
+
+FORMATS = ("ffcv", "dali")
+WRITE_MODES = ("jpg", "raw", "proportion")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    formats: tuple[str, ...] = FORMATS
+    write_mode: str = "raw"
+    max_resolution: Optional[int] = None
+    jpeg_quality: int = 90
+    compress_probability: float = 0.5
+    student_resolution: Optional[int] = None
+    min_crop_scale: float = 0.35
+    max_aspect_ratio: float = 4 / 3
+    max_pixels: Optional[int] = None
+    samples_per_shard: int = 2000
+    split_name: Optional[str] = None
+    source_kind: Optional[str] = None
+    hdf5_images: str = "images"
+    hdf5_labels: str = "labels"
+    cifar_split: str = "train"
+    on_error: str = "fail"
+    workers: int = 1
+
+    def manifest_options(self) -> dict:
+        """Options that shape the output (not ``workers``: outputs do not depend on it)."""
+        d = asdict(self)
+        for k in ("workers", "split_name"):
+            d.pop(k)
+        d["formats"] = list(self.formats)
+        return d
+
+
+@dataclass
+class ConvertResult:
+    out_dir: Path
+    manifest: dict
+    seconds: float
+
+    @property
+    def images_per_sec(self) -> float:
+        return self.manifest["num_samples"] / max(self.seconds, 1e-9)
+
+
+class ConvertError(Exception):
+    """A conversion that must stop; the message names the file and the fix."""
+
+
+def default_split_name(src: Path) -> str:
+    name = src.name
+    for suffix in (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar", ".hdf5", ".h5", ".hdf"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _check_options(opts: ConvertOptions, split: str) -> None:
+    bad = [f for f in opts.formats if f not in FORMATS]
+    if bad or not opts.formats:
+        raise ConvertError(f"--formats {','.join(opts.formats)}: choose from {','.join(FORMATS)}")
+    if opts.write_mode not in WRITE_MODES:
+        raise ConvertError(f"--write-mode {opts.write_mode}: choose from {'|'.join(WRITE_MODES)}")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", split):
+        raise ConvertError(f"split name {split!r}: use letters, digits, '_', '-', '.' "
+                           f"(pass --split-name)")
+    if not 1 <= opts.jpeg_quality <= 100:
+        raise ConvertError("--jpeg-quality must be in 1..100")
+    for name in ("max_resolution", "student_resolution", "max_pixels"):
+        v = getattr(opts, name)
+        if v is not None and v < 1:
+            raise ConvertError(f"--{name.replace('_', '-')} must be >= 1")
+
+
+def _bounded(items: Iterable, gate: threading.Semaphore) -> Iterator:
+    """Hand items to the pool only as fast as results are consumed, so decoded
+    images never pile up in memory when writing is the slower side."""
+    for it in items:
+        gate.acquire()
+        yield it
+
+
+def _parallel_map(fn, items: list, workers: int, chunksize: int) -> Iterator:
+    """Ordered results of ``fn`` over ``items``; in-process when workers <= 1."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    gate = threading.Semaphore(max(chunksize * workers * 4, chunksize))
+    with ctx.Pool(workers) as pool:
+        for result in pool.imap(fn, _bounded(items, gate), chunksize=chunksize):
+            gate.release()
+            yield result
+
+
+def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOptions,
+            progress: bool = True) -> ConvertResult:
+    """Convert ``src`` into ``out_dir`` atomically. Raises ConvertError on bad
+    input (with on_error='fail'), leaving ``out_dir`` untouched."""
+    from dataset_tools.records import EncodeOptions, Rejected, lowres_side, prepare_sample
+    from dataset_tools.sources import BadInput, SourceError, open_source
+    from dataset_tools.writers import (RAW_MODE, BetonWriter, ImageRecord, RecordTooLarge,
+                                       ShardWriter, page_size_for)
+    from ffcv.fields import RGBImageField
+
+    src, out_dir = Path(src), Path(out_dir)
+    split = opts.split_name or default_split_name(src)
+    _check_options(opts, split)
+    want_ffcv, want_dali = "ffcv" in opts.formats, "dali" in opts.formats
+    try:
+        low_side = (lowres_side(opts.student_resolution, opts.min_crop_scale,
+                                opts.max_aspect_ratio) if opts.student_resolution else None)
+    except ValueError as e:
+        raise ConvertError(str(e)) from e
+    try:
+        source = open_source(src, opts.source_kind, on_error=opts.on_error,
+                             hdf5_images=opts.hdf5_images, hdf5_labels=opts.hdf5_labels,
+                             split=opts.cifar_split)
+    except (BadInput, SourceError) as e:
+        raise ConvertError(str(e)) from e
+
+    enc = EncodeOptions(write_mode=opts.write_mode, max_resolution=opts.max_resolution,
+                        jpeg_quality=opts.jpeg_quality,
+                        compress_probability=opts.compress_probability, lowres_side=low_side,
+                        max_pixels=opts.max_pixels, want_ffcv=want_ffcv, want_dali=want_dali)
+    n = len(source.items)
+    workers = max(1, opts.workers)
+    chunksize = max(1, min(64, n // (workers * 8) or 1))
+    start = time.perf_counter()
+    with source, Staging(out_dir) as staging:
+        root = staging.path
+        beton = lowres = shards = None
+        try:
+            if want_ffcv:
+                field = RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_resolution,
+                                      jpeg_quality=opts.jpeg_quality,
+                                      compress_probability=opts.compress_probability)
+                beton = BetonWriter(root / f"{split}.beton", field, n,
+                                    page_size_for(opts.max_resolution))
+            if low_side:
+                lowres = BetonWriter(root / f"{split}_lowres.beton",
+                                     RGBImageField(write_mode="raw"), n, page_size_for(low_side * 2))
+            if want_dali:
+                shards = ShardWriter(root, f"{split}_wds", opts.samples_per_shard)
+            stats, fp = mf.DatasetStats(len(source.classes)), mf.Fingerprint()
+            digest, low_digest = mf.PixelDigest(), mf.PixelDigest()
+            skipped = list(source.skipped)
+            results = _parallel_map(functools.partial(prepare_sample, enc), source.items,
+                                    workers, chunksize)
+            bar = tqdm(results, total=n, unit="img", desc=f"convert {split}", disable=not progress,
+                       mininterval=0.5, file=sys.stderr)
+            for res in bar:
+                if isinstance(res, Rejected):
+                    if opts.on_error == "fail":
+                        raise ConvertError(f"{res.message}\n(nothing was written; fix or remove "
+                                           f"the file, or pass --on-error skip to leave it out)")
+                    skipped.append((res.file, res.reason))
+                    continue
+                idx = stats.count
+                stats.update(res.label, res.height, res.width, res.sums, res.sumsq)
+                fp.update(res.sha256, res.label)
+                if beton:
+                    beton.add(res.ffcv, res.label, idx, res.name)
+                    digest.update(res.ffcv_digest)
+                if lowres:
+                    h, w = res.lowres.shape[:2]
+                    lowres.add(ImageRecord(RAW_MODE, h, w, res.lowres.reshape(-1)), res.label,
+                               idx, res.name)
+                    low_digest.update(res.lowres_digest)
+                if shards:
+                    shards.add(idx, res.wds_ext, res.wds_bytes, res.label, res.sha256)
+            bar.close()
+            if stats.count == 0:
+                raise ConvertError(f"{src}: every file was bad (see the reasons above); "
+                                   f"nothing to convert")
+            stores = {}
+            if beton:
+                beton.close()
+                stores["ffcv"] = {"path": beton.path.name, "num_samples": beton.count,
+                                  "sha256": mf.file_sha256(beton.path),
+                                  "pixel_sha256": digest.hexdigest()}
+            if lowres:
+                lowres.close()
+                stores["ffcv_lowres"] = {"path": lowres.path.name, "num_samples": lowres.count,
+                                         "sha256": mf.file_sha256(lowres.path),
+                                         "resolution": low_side,
+                                         "pixel_sha256": low_digest.hexdigest()}
+            if shards:
+                stores["dali"] = {"image_ext": shards.image_ext, "shards": shards.close()}
+        except RecordTooLarge as e:
+            for w in (beton, lowres, shards):
+                if w is not None:
+                    w.abort()
+            raise ConvertError(str(e)) from e
+        except BaseException:
+            for w in (beton, lowres, shards):
+                if w is not None:
+                    try:
+                        w.abort()
+                    except Exception:
+                        pass
+            raise
+        manifest = mf.build_manifest(
+            split=split,
+            source={"kind": source.kind, "path": source.path, "description": source.description},
+            classes=source.classes, stats=stats, fingerprint=fp.hexdigest(),
+            options={**opts.manifest_options(), "lowres_side": low_side},
+            stores=stores, skipped=skipped)
+        write_text_atomic(root / MANIFEST_NAME, mf.dumps(manifest))  # last: marks completeness
+        staging.commit()
+    return ConvertResult(out_dir=out_dir, manifest=manifest, seconds=time.perf_counter() - start)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="convert.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", type=Path, help="source dataset (folder, tar, CIFAR pickles, HDF5)")
+    p.add_argument("out_dir", type=Path, help="output store directory (one split)")
+    p.add_argument("--formats", default="ffcv,dali", help="comma list of ffcv,dali (default: both)")
+    p.add_argument("--write-mode", choices=WRITE_MODES, default="raw",
+                   help="FFCV image storage: raw pixels, jpg, or a proportion of jpg (default raw)")
+    p.add_argument("--max-resolution", type=int, help="resize so the longest side is at most N")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality when encoding (90)")
+    p.add_argument("--compress-probability", type=float, default=0.5,
+                   help="share of JPEG records with --write-mode proportion (0.5)")
+    p.add_argument("--student-resolution", type=int,
+                   help="also write a raw low-res .beton for students trained at N pixels")
+    p.add_argument("--min-crop-scale", type=float, default=0.35,
+                   help="smallest random-resized-crop area the low-res size must support (0.35)")
+    p.add_argument("--max-aspect-ratio", type=float, default=4 / 3,
+                   help="largest crop aspect ratio the low-res size must support (4/3)")
+    p.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this")
+    p.add_argument("--samples-per-shard", type=int, default=2000,
+                   help="samples per webdataset shard (2000)")
+    p.add_argument("--split-name", help="split name used in file names (default: SRC's name)")
+    p.add_argument("--source-kind", choices=("imagefolder", "tar", "cifar", "hdf5"),
+                   help="source kind (default: detected)")
+    p.add_argument("--hdf5-images", default="images", help="HDF5 image dataset key (images)")
+    p.add_argument("--hdf5-labels", default="labels", help="HDF5 label dataset key (labels)")
+    p.add_argument("--cifar-split", choices=("train", "test"), default="train",
+                   help="which batches of a CIFAR pickle folder (train)")
+    p.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                   help="bad file: stop with no output (fail) or leave it out (skip)")
+    p.add_argument("--workers", type=int, default=min(8, len(os.sched_getaffinity(0))),
+                   help="decode processes (default: cores, at most 8; 1 = in-process)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "verify":
+        from dataset_tools.verify import main as verify_main
+        return verify_main(argv[1:])
+    args = _parser().parse_args(argv)
+    opts = ConvertOptions(
+        formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
+        write_mode=args.write_mode, max_resolution=args.max_resolution,
+        jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
+        student_resolution=args.student_resolution, min_crop_scale=args.min_crop_scale,
+        max_aspect_ratio=args.max_aspect_ratio, max_pixels=args.max_pixels,
+        samples_per_shard=args.samples_per_shard, split_name=args.split_name,
+        source_kind=args.source_kind, hdf5_images=args.hdf5_images,
+        hdf5_labels=args.hdf5_labels, cifar_split=args.cifar_split, on_error=args.on_error,
+        workers=args.workers)
+    try:
+        result = convert(args.src, args.out_dir, opts, progress=not args.no_progress)
+    except ConvertError as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 1
+    m = result.manifest
+    print(mf.summary(m))
+    print(f"wrote {result.out_dir}: {m['num_samples']} images in {result.seconds:.1f} s "
+          f"({result.images_per_sec:.0f} images/s, {opts.workers} worker(s))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Re-check a converted split against its manifest.
+
+    python dataset_tools/convert.py verify OUT_DIR
+
+Reads every store back the way the training loaders do (FFCV files through
+``ffcv.loader.Loader`` on CPU, the webdataset shards by reading the tars) and
+checks, against ``manifest.json``: file sha256s, sample counts, class counts,
+labels (the same in every store), sample indices, the fingerprint
+(recomputed from the ``KEY.sha256`` + ``KEY.cls`` members), the decoded-pixel
+digests of the ``.beton`` files, the low-res size rule, and that each DALI
+``.idx`` file equals a fresh ``wds2idx`` run. Exit status 0 when all agree,
+1 with one line per problem otherwise.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tarfile
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from dataset_tools import manifest as mf
+from dataset_tools.store import StoreError, open_store
+
+
+class VerifyError(Exception):
+    """The store disagrees with its manifest; ``problems`` lists each issue."""
+
+    def __init__(self, root: Path, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{root}: {len(problems)} problem(s):\n  " + "\n  ".join(problems)
+                         + "\nre-run the conversion (dataset_tools/convert.py) for this split")
+
+
+def _flat_decoder():
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.pipeline.allocation_query import AllocationQuery
+
+    class FlatRGBImageDecoder(SimpleRGBImageDecoder):
+        """SimpleRGBImageDecoder for any mix of image sizes: each sample is
+        decoded into the first h*w*3 bytes of a flat max_h*max_w*3 slot (the
+        layout FFCV's own ResizedCropRGBImageDecoder uses for its temp
+        buffer), so pixels come back untouched (no crop/resize)."""
+
+        def declare_state_and_memory(self, previous_state):
+            shape = (int(self.metadata["height"].max()) * int(self.metadata["width"].max()) * 3,)
+            dtype = np.dtype("<u1")
+            return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype),
+                    AllocationQuery(shape, dtype))
+
+    return FlatRGBImageDecoder()
+
+
+def read_beton(path: Path, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
+    """-> (labels, indices, pixel_sha256, (N, 2) heights/widths) via FFCV's Loader on CPU."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.reader import Reader
+
+    reader = Reader(str(path))
+    image_col = f"f{reader.field_names.index('image')}"
+    sizes = np.stack([reader.metadata[image_col]["height"],
+                      reader.metadata[image_col]["width"]], 1).astype(np.int64)
+    loader = Loader(str(path), batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1),
+                    order=OrderOption.SEQUENTIAL, drop_last=False,
+                    pipelines={"image": [_flat_decoder()], "label": [IntDecoder()],
+                               "index": [IntDecoder()]})
+    labels, indices, digest, pos = [], [], mf.PixelDigest(), 0
+    for images, lab, idx in loader:
+        for flat in images:  # per-sample hashing: images differ in size
+            h, w = sizes[pos]
+            digest.update(mf.sample_pixel_digest(flat[: h * w * 3].reshape(h, w, 3)))
+            pos += 1
+        labels.append(np.array(lab).reshape(-1))
+        indices.append(np.array(idx).reshape(-1))
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+    return cat(labels), cat(indices), digest.hexdigest(), sizes
+
+
+def read_shards(root: Path, shards: list[dict], image_ext: str, problems: list[str]
+                ) -> tuple[np.ndarray, str]:
+    """Walk the tars in order -> (labels, recomputed fingerprint)."""
+    from dataset_tools.writers import make_index
+
+    allowed = set(image_ext.split(";"))
+    fp, labels, expect = mf.Fingerprint(), [], 0
+    for sh in shards:
+        tar_path, idx_path = root / sh["tar"], root / sh["index"]
+        if not tar_path.is_file():
+            problems.append(f"{tar_path}: missing")
+            continue
+        if mf.file_sha256(tar_path) != sh["sha256"]:
+            problems.append(f"{tar_path}: sha256 differs from the manifest (file changed or corrupt)")
+        if not idx_path.is_file():
+            problems.append(f"{idx_path}: DALI index missing")
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                fresh = Path(tmp) / "fresh.idx"
+                try:
+                    make_index(tar_path, fresh)
+                    if fresh.read_bytes() != idx_path.read_bytes():
+                        problems.append(f"{idx_path}: differs from a fresh wds2idx run on {tar_path.name}")
+                except Exception as e:  # wds2idx refuses a broken tar
+                    problems.append(f"{idx_path}: wds2idx failed on {tar_path.name} ({e})")
+        samples: dict[str, dict[str, bytes]] = {}
+        order: list[str] = []
+        try:
+            with tarfile.open(tar_path, "r:") as tf:
+                for m in tf:
+                    key, _, ext = m.name.partition(".")
+                    if key not in samples:
+                        samples[key], _ = {}, order.append(key)
+                    samples[key][ext] = tf.extractfile(m).read() if m.isfile() else b""
+        except (tarfile.TarError, OSError) as e:
+            problems.append(f"{tar_path}: unreadable tar ({e})")
+            continue
+        if len(order) != sh["num_samples"]:
+            problems.append(f"{tar_path}: {len(order)} samples, manifest says {sh['num_samples']}")
+        for key in order:
+            parts = samples[key]
+            where = f"{tar_path.name}:{key}"
+            if key != f"{expect:08d}":
+                problems.append(f"{where}: expected key {expect:08d} (samples out of order or missing)")
+                expect = int(key) if key.isdigit() else expect
+            img = [e for e in parts if e in ("jpg", "png")]
+            if len(img) != 1 or img[0] not in allowed or not parts[img[0]]:
+                problems.append(f"{where}: image member missing or not one of .{image_ext}")
+            try:
+                label = int(parts["cls"])
+                index = int(parts["index"])
+                fp.update(parts["sha256"].decode(), label)
+            except (KeyError, ValueError) as e:
+                problems.append(f"{where}: bad or missing .cls/.index/.sha256 member ({e})")
+                label, index = -1, -1
+            if index != expect:
+                problems.append(f"{where}: .index says {index}, expected {expect}")
+            labels.append(label)
+            expect += 1
+    return np.array(labels, np.int64), fp.hexdigest()
+
+
+def verify_store(root: os.PathLike | str) -> list[str]:
+    """Check everything; returns summary lines, raises VerifyError/StoreError."""
+    root = Path(root)
+    store = open_store(root)
+    m = store.manifest
+    n, problems, lines = m["num_samples"], [], []
+    labels_by_store: dict[str, np.ndarray] = {}
+
+    def check_labels(kind: str, labels: np.ndarray) -> None:
+        labels_by_store[kind] = labels
+        if len(labels) != n:
+            problems.append(f"{kind}: {len(labels)} samples, manifest says {n}")
+            return
+        counts = np.bincount(labels.clip(0), minlength=m["num_classes"])[: m["num_classes"]]
+        if labels.min(initial=0) < 0 or labels.max(initial=0) >= m["num_classes"] \
+                or counts.tolist() != m["class_counts"]:
+            problems.append(f"{kind}: class counts {counts.tolist()} differ from the manifest "
+                            f"{m['class_counts']}")
+
+    for kind in ("ffcv", "ffcv_lowres"):
+        if not store.has(kind):
+            continue
+        entry = m["stores"][kind]
+        path = root / entry["path"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        if mf.file_sha256(path) != entry["sha256"]:
+            problems.append(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
+        try:
+            labels, indices, pixels, sizes = read_beton(path)
+        except Exception as e:
+            problems.append(f"{path}: FFCV cannot read it ({type(e).__name__}: {e})")
+            continue
+        check_labels(kind, labels)
+        if not np.array_equal(indices, np.arange(len(indices))):
+            problems.append(f"{path}: index field is not 0..N-1 in order")
+        if pixels != entry["pixel_sha256"]:
+            problems.append(f"{path}: decoded pixels differ from the manifest's pixel_sha256")
+        if kind == "ffcv_lowres" and len(sizes) and sizes.min(1).max() > entry["resolution"]:
+            problems.append(f"{path}: images with shorter side > {entry['resolution']}")
+        lines.append(f"{kind}: {path.name}: {len(labels)} samples, labels/indices/pixels OK")
+
+    if store.has("dali"):
+        dali = m["stores"]["dali"]
+        labels, fingerprint = read_shards(root, dali["shards"], dali["image_ext"], problems)
+        check_labels("dali", labels)
+        if fingerprint != m["fingerprint"]:
+            problems.append(f"dali: fingerprint recomputed from the shards {fingerprint} differs "
+                            f"from the manifest {m['fingerprint']}")
+        lines.append(f"dali: {len(dali['shards'])} shard(s): {len(labels)} samples, indexes, "
+                     f"labels and fingerprint OK")
+    else:
+        lines.append("fingerprint: not re-checkable without the webdataset shards (no source hashes)")
+
+    stores = list(labels_by_store.items())
+    for kind, labels in stores[1:]:
+        if len(labels) == len(stores[0][1]) and not np.array_equal(labels, stores[0][1]):
+            problems.append(f"{kind}: labels differ from {stores[0][0]} at "
+                            f"{int(np.flatnonzero(labels != stores[0][1])[0])}")
+    if problems:
+        raise VerifyError(root, problems)
+    return [mf.summary(m)] + lines
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: convert.py verify OUT_DIR", file=sys.stderr)
+        return 2
+    try:
+        lines = verify_store(argv[0])
+    except StoreError as e:
+        print(f"verify: error: {e}", file=sys.stderr)
+        return 2
+    except VerifyError as e:
+        print(f"verify: FAILED: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    print(f"verify: OK ({argv[0]})")
+    return 0
