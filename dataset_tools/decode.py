@@ -87,10 +87,11 @@ def _read_file(path: str) -> bytes:
     except OSError as e:
         raise BadInput(path, f"cannot read ({e.strerror})",
                        "check it exists and is readable, or delete it") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BadInput(path, "not a regular file (folder, FIFO, socket or device)",
+                       "replace it with the image file or delete it")
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise BadInput(path, "not a regular file (folder, FIFO, socket or device)",
-                           "replace it with the image file or delete it")
         try:
             data = f.read()
         except OSError as e:
@@ -134,11 +135,12 @@ def decode_image(data: bytes, where: str, max_pixels: int = MAX_PIXELS_DEFAULT
         img.load()
     except _TooBig as e:
         raise BadInput(where, f"{e.w} x {e.h} = {e.w * e.h} pixels, over the limit of "
-                       f"{max_pixels} (decompression bomb guard)",
+                       f"{max_pixels} pixels (decompression bomb guard)",
                        "raise the pixel limit (--max-pixels) if the image is genuine") from None
-    except Image.DecompressionBombError as e:
-        raise BadInput(where, f"too many pixels ({e})", "raise the pixel limit "
-                       "(--max-pixels) if the image is genuine") from None
+    except Image.DecompressionBombError as e:  # PIL's own check, also header-only
+        raise BadInput(where, f"over the limit of {max_pixels} pixels (decompression bomb "
+                       f"guard; {e})", "raise the pixel limit (--max-pixels) if the image "
+                       "is genuine") from None
     except UnidentifiedImageError:
         raise BadInput(where, "not an image (no image format recognises its bytes)",
                        "delete it or rename it to a non-image extension") from None

@@ -358,6 +358,8 @@ def _tar_members(path: Path, members, problems: _Problems):
             continue
         regular.pop(rel, None)  # a later member of the same name replaces it
         links.pop(rel, None)
+        parts = rel.split("/")
+        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
         if m.issym() or m.islnk():
             base = posixpath.dirname(rel) if m.issym() else ""
             target = posixpath.normpath(posixpath.join(base, m.linkname))
@@ -383,8 +385,6 @@ def _tar_members(path: Path, members, problems: _Problems):
             problems.bad(f"{path}:{rel}", f"link target {target!r} is not a file in the archive",
                          "re-create the archive with the file itself")
     for rel, loc in regular.items():
-        parts = rel.split("/")
-        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
         if is_image_name(rel):
             files[rel] = loc
     dirs.discard(".")
