@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchmetrics.classification import MulticlassCalibrationError
 
-from trainer.calibration import CalibrationMeter, calibration_metrics, reliability_diagram
+from trainer.calibration import (CalibrationMeter, calibration_metrics,
+                                 expected_calibration_error, reliability_diagram)
 
 BINS = 15
 EDGES = torch.linspace(0, 1, BINS + 1, dtype=torch.float32)  # torchmetrics' own edges
@@ -62,6 +63,7 @@ def test_ece_mce_match_torchmetrics_random(seed, n, c, scale):
     from_logits = calibration_metrics(logits, labels)
     assert from_logits["ece"] == pytest.approx(ours["ece"], abs=1e-6)
     assert from_logits["mce"] == pytest.approx(ours["mce"], abs=1e-6)
+    assert expected_calibration_error(logits, labels) == pytest.approx(ours["ece"], abs=1e-6)
 
 
 def test_confidences_exactly_on_bin_edges():

@@ -4,9 +4,10 @@ logits by minimizing NLL of ``softmax(logits / T)``.
 We optimize ``log T`` (keeps T > 0, better conditioned) with
 ``torch.optim.LBFGS`` + strong-Wolfe line search in float64. NLL is convex in
 ``1/T`` (logsumexp of a linear function minus a linear term), hence unimodal in
-``log T``; so when LBFGS fails (non-finite, outside the bounds, not stationary,
-e.g. when the optimum is at T -> 0 because every prediction is right) a golden
-section search over the bounded ``log T`` interval finds the minimum instead.
+``log T``. If LBFGS converges beyond the bounds (e.g. T -> 0 when every
+prediction is right, T -> inf for random labels) the nearest bound is the
+bounded optimum; if it fails (non-finite, not stationary) a golden-section
+search over the bounded ``log T`` interval finds the minimum instead.
 Both are deterministic for fixed inputs.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer.calibration import DEFAULT_BINS, calibration_metrics, validate_inputs
+from trainer.calibration import DEFAULT_BINS, expected_calibration_error, validate_inputs
 
 DEFAULT_BOUNDS = (0.01, 100.0)
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
@@ -30,7 +31,8 @@ class TemperatureResult:
     nll_after: float  # at the fitted T; never above nll_before
     ece_before: float
     ece_after: float
-    method: str  # "lbfgs", "golden-section" or "identity" (T = 1 was already best)
+    method: str  # "lbfgs", "lbfgs-clamped" (optimum beyond a bound), "golden-section"
+    # (LBFGS failed) or "identity" (T = 1 was already best)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -64,7 +66,7 @@ def _lbfgs(logits64, labels, max_iter: int) -> tuple[float, float]:
     return float(log_t.detach()), abs(float(grad))
 
 
-def _golden_section(logits64, labels, lo: float, hi: float, iters: int = 80) -> float:
+def _golden_section(logits64, labels, lo: float, hi: float, iters: int = 64) -> float:
     """Minimum of the unimodal NLL(log T) on [lo, hi] (interval shrinks 0.618^iters)."""
     def f(x: float) -> float:
         return float(_nll(logits64, labels, torch.tensor(x, dtype=torch.float64)))
@@ -106,7 +108,11 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *,
     with torch.enable_grad():
         log_t, grad = _lbfgs(z, y, max_iter)
     method = "lbfgs"
-    if not (math.isfinite(log_t) and log_lo <= log_t <= log_hi and grad <= grad_tol):
+    if math.isfinite(log_t) and grad <= grad_tol and not log_lo <= log_t <= log_hi:
+        # A stationary point of this unimodal NLL is its minimum, so the best T
+        # inside the bounds is the nearest bound (e.g. T -> 0 when all are right).
+        log_t, method = min(max(log_t, log_lo), log_hi), "lbfgs-clamped"
+    elif not (math.isfinite(log_t) and grad <= grad_tol):
         log_t, method = _golden_section(z, y, log_lo, log_hi), "golden-section"
 
     zero = torch.zeros((), dtype=torch.float64)
@@ -114,8 +120,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, *,
     nll_after = float(_nll(z, y, torch.tensor(log_t, dtype=torch.float64)))
     if not nll_after <= nll_before:  # only by rounding; never return a worse T
         log_t, nll_after, method = 0.0, nll_before, "identity"
-    temperature = math.exp(log_t)
-    ece_before = calibration_metrics(z, labels, n_bins=n_bins, topk=(1,))["ece"]
-    ece_after = calibration_metrics(apply_temperature(z, temperature), labels,
-                                    n_bins=n_bins, topk=(1,))["ece"]
+    temperature = min(max(math.exp(log_t), lo), hi)  # exp(log(hi)) can overshoot by an ulp
+    ece_before = expected_calibration_error(z, y, n_bins=n_bins)
+    ece_after = expected_calibration_error(apply_temperature(z, temperature), y, n_bins=n_bins)
     return TemperatureResult(temperature, nll_before, nll_after, ece_before, ece_after, method)
