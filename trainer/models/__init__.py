@@ -1,0 +1,71 @@
+"""Model registry: ``create_model(name, num_classes, **kw)``.
+
+Every model returns logits from ``forward(x)`` and ``(embedding, logits)``
+from ``forward_features(x)`` / ``forward(x, return_features=True)``, exposes
+``feature_dim`` and accepts any input size >= 8 px (adaptive pooling).
+
+Names follow HobbitLong/RepDistiller (the CRD paper's code) for the CIFAR
+models and torchvision for the ImageNet ones; lookup is case-insensitive.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+from trainer.models import cifar_resnet, imagenet, mobilenetv2, shufflenetv1, vgg, wrn
+from trainer.models.base import DistillModel
+
+_CIFAR: Dict[str, Callable[..., DistillModel]] = {
+    "resnet8": cifar_resnet.resnet8,
+    "resnet20": cifar_resnet.resnet20,
+    "resnet32": cifar_resnet.resnet32,
+    "resnet56": cifar_resnet.resnet56,
+    "resnet110": cifar_resnet.resnet110,
+    "resnet8x4": cifar_resnet.resnet8x4,
+    "resnet32x4": cifar_resnet.resnet32x4,
+    "wrn_16_1": wrn.wrn_16_1,
+    "wrn_16_2": wrn.wrn_16_2,
+    "wrn_40_1": wrn.wrn_40_1,
+    "wrn_40_2": wrn.wrn_40_2,
+    "vgg8": vgg.vgg8,
+    "vgg13": vgg.vgg13,
+    "mobilenetv2": mobilenetv2.mobilenetv2,
+    "shufflenetv1": shufflenetv1.shufflenetv1,
+}
+_IMAGENET: Dict[str, Callable[..., DistillModel]] = {
+    "resnet18": imagenet.resnet18,
+    "resnet50": imagenet.resnet50,
+    "mobilenet_v3_small": imagenet.mobilenet_v3_small,
+    "mobilenet_v3_large": imagenet.mobilenet_v3_large,
+}
+_REGISTRY = {**_CIFAR, **_IMAGENET}
+# RepDistiller's spellings of the two mobile students
+_ALIASES = {"mobile_half": "mobilenetv2", "shufflev1": "shufflenetv1"}
+
+
+def list_models() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def is_imagenet_model(name: str) -> bool:
+    return _canonical(name) in _IMAGENET
+
+
+def _canonical(name: str) -> str:
+    key = name.lower()
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+    return key
+
+
+def create_model(name: str, num_classes: int, **kw) -> DistillModel:
+    """Build a randomly initialised model. ImageNet models accept
+    ``low_res_stem: bool``; CIFAR models take no options."""
+    key = _canonical(name)
+    if kw and key in _CIFAR:
+        raise TypeError(f"model {name!r} takes no options, got {sorted(kw)}; "
+                        f"options such as low_res_stem apply to: {', '.join(sorted(_IMAGENET))}")
+    return _REGISTRY[key](num_classes=num_classes, **kw)
+
+
+__all__ = ["DistillModel", "create_model", "list_models", "is_imagenet_model"]

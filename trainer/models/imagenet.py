@@ -1,0 +1,80 @@
+"""torchvision ImageNet architectures (randomly initialised; nothing is
+downloaded) wrapped in the :class:`DistillModel` interface.
+
+``low_res_stem=True`` adapts the stem to 16-64 px inputs:
+
+* ResNets: the 7x7 stride-2 conv + 3x3 stride-2 max-pool (/4 before layer1)
+  become one 3x3 stride-1 conv and no pool -- the usual CIFAR variant of
+  ResNet-18/50. Total stride drops from 32 to 8, so 32 px -> 4x4 final map
+  (instead of 1x1) and 16 px -> 2x2.
+* MobileNetV3: only the first conv's stride goes 2 -> 1; every other layer
+  (and so the parameter count) is unchanged. Total stride 32 -> 16, so 32 px
+  -> 2x2 final map. Removing more strides would quadruple the cost of the
+  expensive later stages for little gain at these sizes.
+
+Embedding = globally pooled backbone features before ``classifier``/``fc``
+(ResNet-18: 512, ResNet-50: 2048, MobileNetV3 small/large: 576/960). For
+MobileNetV3 that is before its 2-layer classifier MLP, so the embedding is
+not touched by the classifier's dropout.
+"""
+from __future__ import annotations
+
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from trainer.models.base import DistillModel
+
+
+class TorchvisionResNet(DistillModel):
+    def __init__(self, net: tvm.ResNet, low_res_stem: bool = False):
+        super().__init__()
+        if low_res_stem:
+            width = net.conv1.out_channels
+            net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+            net.maxpool = nn.Identity()
+        self.net = net
+        self.feature_dim = net.fc.in_features
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        x = n.layer4(n.layer3(n.layer2(n.layer1(x))))
+        return torch.flatten(n.avgpool(x), 1)
+
+    def head(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.net.fc(emb)
+
+
+class TorchvisionMobileNetV3(DistillModel):
+    def __init__(self, net: tvm.MobileNetV3, low_res_stem: bool = False):
+        super().__init__()
+        if low_res_stem:
+            net.features[0][0].stride = (1, 1)
+        self.net = net
+        self.feature_dim = net.classifier[0].in_features
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.net.avgpool(self.net.features(x)), 1)
+
+    def head(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.net.classifier(emb)
+
+
+def resnet18(num_classes: int = 1000, low_res_stem: bool = False) -> TorchvisionResNet:
+    return TorchvisionResNet(tvm.resnet18(weights=None, num_classes=num_classes), low_res_stem)
+
+
+def resnet50(num_classes: int = 1000, low_res_stem: bool = False) -> TorchvisionResNet:
+    return TorchvisionResNet(tvm.resnet50(weights=None, num_classes=num_classes), low_res_stem)
+
+
+def mobilenet_v3_small(num_classes: int = 1000, low_res_stem: bool = False) -> TorchvisionMobileNetV3:
+    return TorchvisionMobileNetV3(tvm.mobilenet_v3_small(weights=None, num_classes=num_classes),
+                                  low_res_stem)
+
+
+def mobilenet_v3_large(num_classes: int = 1000, low_res_stem: bool = False) -> TorchvisionMobileNetV3:
+    return TorchvisionMobileNetV3(tvm.mobilenet_v3_large(weights=None, num_classes=num_classes),
+                                  low_res_stem)
