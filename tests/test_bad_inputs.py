@@ -195,9 +195,9 @@ def test_truncated_load_flag_must_stay_off(tmp_path, monkeypatch, imagenette_sub
 
 # ------------------------------------------------------------ listing problems
 
-def listing_case(kind: str, root: Path) -> tuple[Path, str]:
+def listing_case(kind: str, root: Path, cname="zz_problem") -> tuple[Path, str]:
     """Add one listing problem to an ImageFolder; (path reported, reason fragment)."""
-    c = root / "zz_problem"
+    c = root / cname
     c.mkdir()
     if kind != "empty_class":
         Image.fromarray(gradient_rgb()).save(c / "fine.png")
@@ -416,3 +416,68 @@ def test_hdf5_bad_layouts(tmp_path):
     src = open_source(f, on_error="skip")
     assert [i.name for i in src.items] == ["neg.h5[0]", "neg.h5[1]", "neg.h5[3]"]
     assert src.skipped == [(f"{f}[2]", "label -1 outside 0..1")]
+
+
+# ------------------------------------------------------------ convert.py CLI
+
+CONVERT = Path(__file__).resolve().parent.parent / "dataset_tools" / "convert.py"
+
+
+def run_convert(*args) -> "subprocess.CompletedProcess":
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, str(CONVERT), *map(str, args), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture()
+def bad_corpus(tmp_path, cifar_subset, imagenette_subset) -> tuple[Path, dict, int]:
+    """ImageFolder with good images, odd colour modes and every kind of bad file.
+    -> (root, {bad path: reason fragment}, number of good images)."""
+    root = tmp_path / "corpus"
+    for c in sorted(os.listdir(cifar_subset))[:2]:
+        shutil.copytree(cifar_subset / c, root / c)
+    (root / "modes").mkdir()
+    for kind in ("cmyk_jpeg", "gray16_I16", "rgba", "palette_transparent"):
+        make_mode_file(kind, root / "modes")
+    (root / "junk").mkdir()
+    bad = {}
+    for kind in BAD:
+        f, fragment = bad_file(kind, root / "junk", real_jpeg(imagenette_subset))
+        bad[str(f)] = fragment
+    (root / "junk" / "ok.png").unlink()  # the intact copy behind the truncated PNG
+    for kind in ("fifo", "dangling_symlink", "self_symlink", "empty_class"):
+        p, fragment = listing_case(kind, root, f"zz_{kind}")
+        bad[str(p)] = fragment
+    return root, bad, 2 * 20 + 4 + 3  # cifar, modes, one fine.png per non-empty zz_ class
+
+
+def test_cli_skip_lists_every_bad_file(tmp_path, bad_corpus):
+    root, bad, n_good = bad_corpus
+    out = tmp_path / "out"
+    r = run_convert(root, out, "--on-error", "skip", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    import json
+    m = json.loads((out / "manifest.json").read_text())
+    skipped = {s["file"]: s["reason"] for s in m["skipped"]}
+    assert sorted(skipped) == sorted(bad)
+    for f, fragment in bad.items():
+        assert fragment in skipped[f], (f, skipped[f])
+    assert m["num_samples"] == n_good
+    counts = {c: m["class_counts"][i] for c, i in m["classes"].items()}
+    assert counts["modes"] == 4 and counts["zz_fifo"] == 1
+    assert counts["junk"] == 0 and counts["zz_empty_class"] == 0  # classes keep their index
+    assert sorted(m["classes"]) == sorted(os.listdir(root))
+
+
+def test_cli_fail_names_file_and_writes_nothing(tmp_path, cifar_subset, imagenette_subset):
+    root = tmp_path / "src"
+    for c in sorted(os.listdir(cifar_subset))[:3]:
+        shutil.copytree(cifar_subset / c, root / c)
+    last = root / sorted(os.listdir(root))[-1]
+    f, _ = bad_file("truncated_jpeg", last, real_jpeg(imagenette_subset))
+    out = tmp_path / "out"
+    r = run_convert(root, out, "--on-error", "fail", "--workers", "1")
+    assert r.returncode != 0
+    assert f"{f}: truncated or corrupt image data" in r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["src"]  # no OUT_DIR, no staging left behind
