@@ -31,16 +31,11 @@ keeps its class index when skipped, so labels match the other splits.
 from __future__ import annotations
 
 import os
-import posixpath
-import shutil
 import tarfile
-import tempfile
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
-
-import numpy as np
 
 # Same set as torchvision.datasets.folder.IMG_EXTENSIONS (not imported, to keep
 # torch out of worker processes); tests check they agree.
@@ -48,7 +43,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 KINDS = ("imagefolder", "tar", "cifar", "hdf5")
-_LINK_DEPTH = 8  # tar links followed before giving up
 
 
 class BadInput(Exception):
@@ -158,11 +152,11 @@ def open_source(path: os.PathLike | str, kind: Optional[str] = None, *, on_error
     kind = kind or detect_kind(p)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-    from dataset_tools import source_arrays  # CIFAR / HDF5 readers
+    from dataset_tools import source_arrays, source_tar  # they import this module
     if kind == "imagefolder":
         src = _open_imagefolder(p, problems)
     elif kind == "tar":
-        src = _open_tar(p, problems)
+        src = source_tar.open_tar(p, problems)
     elif kind == "cifar":
         src = source_arrays.open_cifar(p, split, class_names, problems)
     else:
@@ -208,7 +202,7 @@ def detect_kind(p: Path) -> str:
 
 
 def _is_cifar_dir(p: Path) -> bool:
-    return ((p / "batches.meta").is_file() and (p / "data_batch_1").is_file()) or \
+    return (p / "batches.meta").is_file() or \
         ((p / "meta").is_file() and ((p / "train").is_file() or (p / "test").is_file()))
 
 
@@ -289,132 +283,3 @@ def _walk_images(top: str, problems: _Problems) -> list[tuple[str, str]]:
                     problems.bad(e.path, "not a regular file (a FIFO, socket or device)",
                                  "replace it with the image file or delete it")
     return out
-
-
-# ---------------------------------------------------------------- tar
-
-def _open_tar(path: Path, problems: _Problems) -> Source:
-    cleanup = None
-    read_path = path
-    opener = _decompressor(path)
-    if opener is not None:  # random access needs an uncompressed copy
-        tmp = tempfile.mkdtemp(prefix="cqkd-untar-")
-        read_path = Path(tmp) / (path.name + ".tar")
-        try:
-            with opener(path) as fin, open(read_path, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-        except (OSError, EOFError, ValueError) as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise SourceError(f"{path}: cannot decompress ({e}); re-create or re-download it")
-    try:
-        with tarfile.open(read_path, "r:") as tf:
-            members = tf.getmembers()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        if opener is not None:
-            shutil.rmtree(read_path.parent, ignore_errors=True)
-        raise SourceError(f"{path}: not a readable tar archive ({e}); re-create or "
-                          f"re-download it")
-    src = Source("tar", str(path), "", [], [])
-    if opener is not None:
-        cleanup = weakref.finalize(src, shutil.rmtree, str(read_path.parent), True)
-    src._cleanup = cleanup
-    files, dirs = _tar_members(path, members, problems)
-    src.classes, src.items, top = _tar_layout(path, read_path, files, dirs, problems)
-    src.description = (f"tar {path}{f' (top folder {top}/)' if top else ''}: "
-                       f"{len(src.classes)} classes, {len(src.items)} files")
-    return src
-
-
-def _decompressor(path: Path):
-    import bz2
-    import gzip
-    import lzma
-    with open(path, "rb") as f:
-        head = f.read(6)
-    if head[:2] == b"\x1f\x8b":
-        return gzip.open
-    if head[:3] == b"BZh":
-        return bz2.open
-    if head == b"\xfd7zXZ\x00":
-        return lzma.open
-    return None
-
-
-def _member_path(name: str) -> Optional[str]:
-    """Normalized relative member path, or None if it leaves the archive."""
-    if name.startswith("/") or ".." in name.split("/"):
-        return None
-    return posixpath.normpath(name)
-
-
-def _tar_members(path: Path, members, problems: _Problems):
-    """-> ({path: (offset, size)} of usable image files, {folder paths})."""
-    regular, links, files, dirs = {}, {}, {}, set()
-    for m in members:
-        where = f"{path}:{m.name}"
-        rel = _member_path(m.name)
-        if rel is None:
-            problems.unsafe(where, "member path is absolute or contains '..'")
-            continue
-        regular.pop(rel, None)  # a later member of the same name replaces it
-        links.pop(rel, None)
-        parts = rel.split("/")
-        dirs.update("/".join(parts[:i]) for i in range(1, len(parts)))
-        if m.issym() or m.islnk():
-            base = posixpath.dirname(rel) if m.issym() else ""
-            target = posixpath.normpath(posixpath.join(base, m.linkname))
-            if m.linkname.startswith("/") or target == ".." or target.startswith("../"):
-                problems.unsafe(where, f"link to {m.linkname!r}, outside the archive")
-                continue
-            links[rel] = target
-        elif m.isdir():
-            dirs.add(rel)
-        elif m.isfile() and not m.issparse():
-            regular[rel] = (m.offset_data, m.size)
-        elif is_image_name(rel):
-            problems.bad(where, "not a regular file (device, FIFO or sparse member)",
-                         "re-create the archive from plain files")
-    for rel, target in links.items():
-        for _ in range(_LINK_DEPTH):
-            if target not in links:
-                break
-            target = links[target]
-        if target in regular:
-            regular.setdefault(rel, regular[target])
-        elif is_image_name(rel):
-            problems.bad(f"{path}:{rel}", f"link target {target!r} is not a file in the archive",
-                         "re-create the archive with the file itself")
-    for rel, loc in regular.items():
-        if is_image_name(rel):
-            files[rel] = loc
-    dirs.discard(".")
-    return files, dirs
-
-
-def _tar_layout(path: Path, read_path: Path, files: dict, dirs: set, problems: _Problems):
-    """Class folders at the top, or under one top-level folder."""
-    tops = {d.split("/")[0] for d in dirs} | {f.split("/")[0] for f in files}
-    top = ""
-    if len(tops) == 1 and files and all(f.count("/") >= 2 for f in files):
-        top = tops.pop()
-    cut = len(top) + 1 if top else 0
-    class_dirs = {d[cut:].split("/")[0] for d in dirs if d.startswith(top + "/" if top else "")}
-    classes = sorted(c for c in class_dirs if c and not _hidden(c))
-    index = {c: i for i, c in enumerate(classes)}
-    keyed = []
-    for rel, (offset, size) in files.items():
-        parts = rel[cut:].split("/")
-        if len(parts) < 2 or any(_hidden(x) for x in parts):
-            continue  # top-level files and hidden entries are ignored, as in a folder
-        keyed.append(((parts[0], "/".join(parts[:-1]), parts[-1]), rel, offset, size))
-    keyed.sort(key=lambda k: k[0])
-    items = [SourceItem(f"{path.name}:{rel}", index[key[0]],
-                        ("tar", str(read_path), offset, size, f"{path}:{rel}"))
-             for key, rel, offset, size in keyed]
-    have = {it.label for it in items}
-    for c in classes:
-        if index[c] not in have:
-            problems.bad(f"{path}:{top + '/' if top else ''}{c}", "empty class folder: no image "
-                         "files", "add its images or delete the folder (when skipped, the "
-                         "class keeps its index)")
-    return classes, items, top

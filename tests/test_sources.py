@@ -12,14 +12,12 @@ import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
-from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from dataset_tools.decode import array_sha256, load_item
+from dataset_tools.decode import load_item
 from dataset_tools.sources import (IMAGE_EXTENSIONS, BadInput, SourceItem, detect_kind,
                                    open_source)
 from source_builders import (build_cifar10_dir, build_cifar100_dir, build_hdf5, build_tar,
