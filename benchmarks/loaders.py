@@ -1,0 +1,174 @@
+"""Loader throughput: every backend and variant on the same data and output.
+
+    python -m benchmarks.loaders --data DIR --resolution 32 --batch-size 256 --json
+
+DIR is a converted store (an OUT_DIR of dataset_tools/convert.py) or an
+ImageFolder (``DIR/<class>/<image>``, or ``DIR/<split>/<class>/<image>``), which
+is converted once into a cache folder (with ``--student-resolution`` so the
+low-res store exists). Every variant produces the same thing: a train epoch of
+``resolution``-pixel random-resized crops + flips (fresh views each epoch),
+normalized float batches on the training device.
+
+Each variant runs in a fresh subprocess, so its peak memory (process + worker
+processes, see :class:`benchmarks.common.PeakRSS`) is its own and a crash or
+a missing library is reported as ``"error"`` instead of dropping the variant.
+Throughput is images/sec over whole epochs, after ``--warmup`` epochs (JIT
+compilation, worker start-up, page cache), median of ``--repeats`` epochs.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import PeakRSS, machine_info, summarize
+
+# name -> (backend, LoaderConfig overrides, what is read)
+VARIANTS = {
+    "reference": ("reference", {"reduced_decode": False}, "jpeg"),
+    "reference_draft": ("reference", {"reduced_decode": True}, "jpeg"),
+    "ffcv": ("ffcv", {}, "jpeg"),
+    "ffcv_lowres": ("ffcv", {"lowres": True}, "lowres"),
+    "dali": ("dali", {}, "jpeg"),
+}
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def _is_image_folder(d: Path) -> bool:
+    classes = [c for c in d.iterdir() if c.is_dir()] if d.is_dir() else []
+    return bool(classes) and any(f.suffix.lower() in _IMAGE_SUFFIXES
+                                 for f in classes[0].iterdir())
+
+
+def resolve_store(data: Path, split: str, resolution: int, cache_dir: Path, workers: int) -> Path:
+    """A store directory for ``data``, converting an ImageFolder first if needed."""
+    if (data / "manifest.json").is_file():
+        return data
+    src = data / split if _is_image_folder(data / split) else data
+    if not _is_image_folder(src):
+        raise SystemExit(f"{data}: neither a converted store (no manifest.json) nor an ImageFolder "
+                         f"(DIR/<class>/<image> or DIR/{split}/<class>/<image>)")
+    key = hashlib.sha256(f"{src.resolve()}|{resolution}".encode()).hexdigest()[:12]
+    out = cache_dir / f"{src.parent.name}_{src.name}_r{resolution}_{key}"
+    if not (out / "manifest.json").is_file():
+        from dataset_tools.convert import main as convert  # lazy: only when converting
+        print(f"converting {src} -> {out}", file=sys.stderr)
+        rc = convert([str(src), str(out), "--formats", "ffcv,dali", "--split-name", split,
+                      "--student-resolution", str(resolution), "--workers", str(workers)])
+        if rc not in (None, 0):
+            raise SystemExit(f"conversion of {src} failed (exit {rc})")
+    return out
+
+
+def run_variant(name: str, store: str, resolution: int, batch_size: int, workers: int,
+                warmup: int, repeats: int) -> dict:
+    """Measure one variant in this process (called in the child)."""
+    import torch
+
+    from pipelines.loader import LoaderConfig, create_loader
+
+    backend, overrides, _ = VARIANTS[name]
+    cfg = LoaderConfig(backend=backend, store=store, batch_size=batch_size, num_workers=workers,
+                       shuffle=True, seed=0, drop_last=True, student_resolution=resolution,
+                       train=True, num_views=0, flip=True, **overrides)
+    sync = torch.cuda.synchronize if cfg.resolve_device().type == "cuda" else (lambda: None)
+    seconds, images = [], 0
+    with PeakRSS() as mem:
+        loader = create_loader(cfg)
+        try:
+            for epoch in range(warmup + repeats):
+                loader.set_epoch(epoch)
+                t0, n = time.perf_counter(), 0
+                for batch in loader:
+                    n += len(batch)
+                sync()
+                if epoch >= warmup:
+                    seconds.append(time.perf_counter() - t0)
+                    images = n
+        finally:
+            loader.close()
+    mode = loader.store.manifest.get("options", {}).get("write_mode", "jpg")
+    source = "lowres" if cfg.lowres else {"jpg": "jpeg"}.get(mode, mode)
+    if images == 0:
+        raise RuntimeError(f"{name}: an epoch yielded no images (batch size > dataset?)")
+    ips = summarize([images / s for s in seconds])
+    return {"images_per_sec": ips["median"], "images_per_sec_spread": ips["spread"],
+            "epoch_seconds": seconds, "images_per_epoch": images, "peak_rss_mb": mem.peak_mb,
+            "source": source, "backend": backend, "device": str(cfg.resolve_device())}
+
+
+def measure_in_subprocess(name: str, args, store: Path) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.loaders", "--_variant", name, "--data", str(store),
+           "--resolution", str(args.resolution), "--batch-size", str(args.batch_size),
+           "--workers", str(args.workers), "--warmup", str(args.warmup),
+           "--repeats", str(args.repeats)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.timeout} s", "source": VARIANTS[name][2]}
+    lines = p.stdout.strip().splitlines()
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return {"error": f"exit {p.returncode}: {tail}", "source": VARIANTS[name][2]}
+    return json.loads(lines[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True, help="converted store or ImageFolder")
+    ap.add_argument("--split", default="train", help="split folder/name when converting")
+    ap.add_argument("--resolution", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                    help="loader workers/threads (default: usable cores)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed epochs first")
+    ap.add_argument("--repeats", "--epochs", type=int, default=3, help="timed epochs")
+    ap.add_argument("--backends", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                    metavar="VARIANT", help=f"variants to run (default: all of {list(VARIANTS)})")
+    ap.add_argument("--cache-dir", type=Path,
+                    default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cqkd" / "bench_stores")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
+    ap.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    ap.add_argument("--_variant", help=argparse.SUPPRESS)  # child mode: measure one variant
+    args = ap.parse_args(argv)
+
+    if args._variant:
+        res = run_variant(args._variant, str(args.data), args.resolution, args.batch_size,
+                          args.workers, args.warmup, args.repeats)
+        print(json.dumps(res))
+        return 0
+
+    store = resolve_store(args.data, args.split, args.resolution, args.cache_dir, args.workers)
+    names = sorted(set(args.backends) | {"reference"}, key=list(VARIANTS).index)  # ratio needs it
+    results = {}
+    for name in names:
+        print(f"measuring {name} ...", file=sys.stderr)
+        results[name] = measure_in_subprocess(name, args, store)
+    ref = results["reference"].get("images_per_sec")
+    for r in results.values():
+        if "images_per_sec" in r:
+            r["ratio_to_reference"] = r["images_per_sec"] / ref if ref else None
+    report = {"results": results, "machine": machine_info(),
+              "settings": {"store": str(store), "resolution": args.resolution,
+                           "batch_size": args.batch_size, "workers": args.workers,
+                           "warmup_epochs": args.warmup, "timed_epochs": args.repeats}}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"{'variant':16s} {'source':7s} {'img/s':>9s} {'x ref':>7s} {'peak MB':>8s}")
+        for name, r in results.items():
+            if "error" in r:
+                print(f"{name:16s} {r['source']:7s} ERROR {r['error']}")
+            else:
+                print(f"{name:16s} {r['source']:7s} {r['images_per_sec']:9.0f} "
+                      f"{r['ratio_to_reference']:7.2f} {r['peak_rss_mb']:8.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
