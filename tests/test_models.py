@@ -120,5 +120,8 @@ def test_unknown_name_lists_valid_names():
 def test_aliases_and_options():
     assert type(create_model("ShuffleV1", 10)).__name__ == "ShuffleNetV1"
     assert type(create_model("MobileNetV2", 10)).__name__ == "MobileNetV2"
-    with pytest.raises(TypeError, match="low_res_stem"):
-        create_model("resnet20", 10, low_res_stem=True)
+    # CIFAR stems are already low-res: the shared config key is accepted and ignored
+    a, b = create_model("resnet20", 10, low_res_stem=True), create_model("resnet20", 10)
+    assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+    with pytest.raises(TypeError, match="no options"):
+        create_model("resnet20", 10, width=2)

@@ -60,11 +60,14 @@ def _canonical(name: str) -> str:
 
 def create_model(name: str, num_classes: int, **kw) -> DistillModel:
     """Build a randomly initialised model. ImageNet models accept
-    ``low_res_stem: bool``; CIFAR models take no options."""
+    ``low_res_stem: bool``. CIFAR models are low-resolution by design, so they
+    accept and ignore ``low_res_stem`` (one config key serves every model) and
+    take no other options."""
     key = _canonical(name)
-    if kw and key in _CIFAR:
-        raise TypeError(f"model {name!r} takes no options, got {sorted(kw)}; "
-                        f"options such as low_res_stem apply to: {', '.join(sorted(_IMAGENET))}")
+    if key in _CIFAR:
+        kw.pop("low_res_stem", None)
+        if kw:
+            raise TypeError(f"model {name!r} takes no options, got {sorted(kw)}")
     return _REGISTRY[key](num_classes=num_classes, **kw)
 
 
