@@ -1,0 +1,307 @@
+"""FFCV backend: ``.beton`` -> view-contract crops -> normalized :class:`Batch`.
+
+Reading and decoding are FFCV's: memory-mapped ``.beton`` (OS page cache), a
+compiled numba decode loop over the batch (``num_workers`` threads), JPEG
+decode by libturbojpeg on the CPU, OpenCV ``INTER_AREA`` resize. The crop of
+every sample comes from :mod:`pipelines.views` inside that loop
+(:class:`~pipelines.ffcv_ops.ViewCropDecoder`), so boxes are replayable and
+identical to the other backends' boxes.
+
+Views. Student and teacher come from the *same* pixel box of the same decoded
+image, each resized from that full-resolution crop (not the student from the
+teacher): one decoder writes both into one packed row, so the JPEG is decoded
+once and one ``ToDevice`` copy (CUDA only, ``non_blocking``) moves both. The
+``Batch``'s ``view_ids``/``boxes``/``flips`` are recomputed in Python from the
+``.beton``'s ``index`` field with the same functions; on CPU every batch is
+checked against what the decoder recorded (source index, view id, decode
+status), on CUDA that check is skipped to avoid a device sync.
+
+Differences from the reference backend (PIL decode + torchvision antialiased
+bilinear resize): FFCV decodes with libturbojpeg's fast IDCT and resizes with
+``INTER_AREA``; pixels differ by a few levels (tests bound it). With
+``reduced_decode`` a JPEG whose crop is >= d x the largest output (d = 8, 4, 2)
+is decoded at 1/d scale by libturbojpeg's DCT scaling (FFCV 1.0.2's
+``imdecode`` exposes the scale; it never uses it itself) and the same
+normalized box is rounded on that smaller image. Raw samples are read in place.
+The low-res store (``lowres=True``, raw pixels at a reduced size) is the fast
+path: no decode at all, and a small resize.
+
+Order and sharding follow ``torch.utils.data.DistributedSampler`` (which is
+what FFCV's ``distributed=True`` uses): the permutation is seeded by
+``seed + epoch``; with ``world_size > 1`` the order is padded by repeating its
+head to a multiple of ``world_size`` and rank ``r`` takes every
+``world_size``-th sample from ``r``, so each sample is seen once per epoch
+across ranks (plus the few padding repeats). Unlike FFCV's own distributed
+mode, rank/world size may be given explicitly (no process group needed).
+``drop_last`` then drops this rank's last partial batch. When the file does not
+fit in half the available RAM, FFCV's process cache and ``QUASI_RANDOM`` order
+(page-local shuffling; single rank only) are used instead of the OS cache.
+
+Threads and memory. FFCV runs each epoch in an ``EpochIterator`` thread and
+allocates its batch buffers per epoch; a consumer that breaks out early leaves
+that thread blocked on its queue. Here one FFCV ``Loader`` lives as long as
+this object, its buffers are allocated once, and the epoch thread is always
+stopped and joined (end of epoch, early break, next ``__iter__``, ``close``).
+FFCV sets torch's and numba's thread count to ``num_workers``.
+"""
+from __future__ import annotations
+
+import queue
+from typing import Iterator, Optional
+
+import numba
+import numpy as np
+import psutil
+import torch
+from torch.utils.data import DistributedSampler
+
+from ffcv.fields import IntField, RGBImageField
+from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.pipeline.compiler import Compiler
+from ffcv.traversal_order.base import TraversalOrder
+from ffcv.transforms import ToDevice, ToTensor
+
+from dataset_tools.store import MANIFEST_NAME, StoreError
+from pipelines.batch import Batch
+from pipelines.ffcv_ops import (T_INDEX, T_STATUS, T_VIEW, EpochCell, ViewCropDecoder,
+                                normalize_lut, split_packed)
+from pipelines.loader import BaseLoader, LoaderConfig
+from pipelines.views import epoch_view_ids
+
+FIELDS = {"image": RGBImageField, "label": IntField, "index": IntField}
+_FAILED = object()  # queue sentinel: the epoch thread raised
+
+
+class _ShardedOrder(TraversalOrder):
+    """DistributedSampler order with an explicit rank/world size.
+
+    FFCV's ``Loader(order=...)`` accepts a ``TraversalOrder`` *instance* and
+    calls it with the loader, hence ``__call__``."""
+
+    def __init__(self, rank: int, world_size: int, shuffle: bool, seed: int):
+        self.rank, self.world_size, self.shuffle, self.order_seed = rank, world_size, shuffle, seed
+
+    def __call__(self, loader) -> "_ShardedOrder":
+        super().__init__(loader)
+        self.sampler = DistributedSampler(self.indices, num_replicas=self.world_size,
+                                          rank=self.rank, shuffle=self.shuffle,
+                                          seed=self.order_seed, drop_last=False)
+        return self
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        self.sampler.set_epoch(epoch)
+        return self.indices[np.fromiter(iter(self.sampler), dtype=np.int64)]
+
+
+class _EpochThread(EpochIterator):
+    """FFCV's epoch thread, plus: an exception in the thread reaches the
+    consumer (FFCV's would leave it waiting forever), and :meth:`stop`."""
+
+    def __init__(self, loader: Loader, order: np.ndarray):
+        self.error: Optional[BaseException] = None
+        super().__init__(loader, order)  # starts the thread
+
+    def run(self):
+        try:
+            super().run()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            self.error = e
+            while not self.terminate_event.is_set():
+                try:
+                    self.output_queue.put(_FAILED, timeout=0.5)
+                    return
+                except queue.Full:
+                    pass
+
+    def __next__(self):
+        item = self.output_queue.get()
+        if item is _FAILED:
+            raise RuntimeError(f"FFCV decode thread failed: {self.error!r}") from self.error
+        if item is None:
+            raise StopIteration
+        slot, result = item
+        if self.loader_is_cuda:
+            torch.cuda.current_stream().wait_stream(self.cuda_streams[slot])
+        return result
+
+    @property
+    def loader_is_cuda(self) -> bool:
+        return self.cuda_streams[0] is not None
+
+    def stop(self) -> None:
+        """Stop and join the thread (it may be blocked on a full queue)."""
+        self.terminate_event.set()
+        while self.is_alive():
+            try:
+                while True:
+                    self.output_queue.get_nowait()
+            except queue.Empty:
+                pass
+            self.join(timeout=0.05)
+        self.close()
+
+
+def _memoize_allocations(loader: Loader) -> None:
+    """FFCV allocates every epoch's batch buffers anew (pinned when CUDA is
+    present); allocate them once. Safe because an epoch thread is always
+    joined before the next one starts."""
+    graph, original, cache = loader.graph, loader.graph.allocate_memory, {}
+
+    def allocate_memory(batch_size, slots):
+        if (batch_size, slots) not in cache:
+            cache[(batch_size, slots)] = original(batch_size, slots)
+        return cache[(batch_size, slots)]
+
+    graph.allocate_memory = allocate_memory
+
+
+class FFCVLoader(BaseLoader):
+    """The FFCV implementation of the loader contract (see module docstring).
+
+    ``os_cache``: ``None`` = OS page cache when the file fits in half the
+    available RAM, else FFCV's process cache. ``batches_ahead``: batches
+    decoded in advance by the epoch thread.
+    """
+
+    def __init__(self, cfg: LoaderConfig, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, *, os_cache: Optional[bool] = None,
+                 batches_ahead: int = 3):
+        super().__init__(cfg, rank, world_size)
+        if cfg.lowres and not self.store.has("ffcv_lowres"):
+            raise StoreError(f"{self.store.root}: lowres=True but this store has no low-res "
+                             f"companion; convert with --student-resolution N, or set "
+                             f"lowres=False to read the full-resolution .beton")
+        self.path = self.store.path("ffcv_lowres" if cfg.lowres else "ffcv")
+        self.student_res = int(cfg.student_resolution)
+        self.teacher_res = int(cfg.teacher_resolution)
+        if self.student_res <= 0 or self.teacher_res < 0:
+            raise ValueError(f"resolutions must be positive, got student={self.student_res}, "
+                             f"teacher={self.teacher_res}")
+        self._epoch_cell = EpochCell()
+        # Normalization table for the CPU path, computed exactly as _normalize does.
+        levels = torch.arange(256, dtype=torch.float32).view(1, 1, 1, 256).to(self.device)
+        self._lut = ((levels - self._mean) / self._std).view(3, 256).cpu().numpy()
+        self._active: Optional[_EpochThread] = None
+        self._loader = self._build(os_cache, batches_ahead)
+
+    # -- construction -------------------------------------------------------
+
+    def _build(self, os_cache: Optional[bool], batches_ahead: int) -> Loader:
+        cfg = self.cfg
+        if os_cache is None:
+            os_cache = self.path.stat().st_size < psutil.virtual_memory().available // 2
+        if self.world_size == 1 and cfg.shuffle and not os_cache:
+            order = OrderOption.QUASI_RANDOM
+        else:
+            order = _ShardedOrder(self.rank, self.world_size, cfg.shuffle, cfg.seed)
+        view_id = cfg.fixed_view if cfg.fixed_view is not None else (-1 if cfg.train else 0)
+        decoder = ViewCropDecoder(self.student_res, self.teacher_res, self.views, view_id,
+                                  self._epoch_cell, cfg.reduced_decode and not cfg.lowres)
+        image_ops = [decoder, ToTensor()]
+        if self.device.type == "cuda":
+            image_ops.append(ToDevice(self.device, non_blocking=True))
+        # Labels and indices are read from the file's metadata in Python (see
+        # _batches): no compiled pipelines for them, which saves ~1 s per Loader.
+        pipelines = {"image": image_ops, "label": None, "index": None}
+        workers = max(1, min(int(cfg.num_workers), numba.config.NUMBA_NUM_THREADS))
+        try:
+            loader = Loader(str(self.path), batch_size=cfg.batch_size, num_workers=workers,
+                            os_cache=os_cache, order=order, seed=cfg.seed,
+                            pipelines=pipelines, drop_last=cfg.drop_last,
+                            batches_ahead=batches_ahead)
+        except (AssertionError, ValueError, TypeError, IndexError, OSError) as e:
+            raise StoreError(f"{self.path}: not a readable FFCV file ({e!r}); re-run "
+                             f"dataset_tools/convert.py for {self.store.root}") from e
+        self._check_fields(loader)
+        _memoize_allocations(loader)
+        return loader
+
+    def _check_fields(self, loader: Loader) -> None:
+        handlers = loader.reader.handlers
+        for name, kind in FIELDS.items():
+            if not isinstance(handlers.get(name), kind):
+                raise StoreError(f"{self.path}: expected field '{name}' ({kind.__name__}), "
+                                 f"found fields {sorted(handlers)}; re-run dataset_tools/"
+                                 f"convert.py for {self.store.root}")
+        if int(loader.reader.num_samples) != self.store.num_samples:
+            raise StoreError(f"{self.path}: {loader.reader.num_samples} samples but "
+                             f"{self.store.root / MANIFEST_NAME} lists {self.store.num_samples}; "
+                             f"the store is mixed up, re-run dataset_tools/convert.py")
+
+    # -- iteration ----------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._loader is None:
+            raise RuntimeError("this FFCVLoader is closed")
+        self._stop_active()
+        epoch = self.epoch
+        self._epoch_cell.set(epoch)
+        loader = self._loader
+        Compiler.set_num_threads(loader.num_workers)
+        order = loader.traversal_order.sample_order(epoch)
+        order = order[:len(loader) * loader.batch_size]
+        thread = _EpochThread(loader, order)
+        self._active = thread
+        meta = loader.reader.metadata
+        labels = meta[f"f{loader.field_name_to_f_ix['label']}"]
+        index_field = meta[f"f{loader.field_name_to_f_ix['index']}"]
+        try:
+            # The thread decodes the order's batches one after the other.
+            for start, (packed,) in zip(range(0, len(order), loader.batch_size), thread):
+                chunk = order[start:start + loader.batch_size]
+                yield self._assemble(packed, labels[chunk], index_field[chunk], epoch)
+        finally:
+            self._stop_active()
+
+    def _view_ids(self, indices: np.ndarray, epoch: int) -> np.ndarray:
+        """``view_ids_for`` with the epoch this iteration started with."""
+        if self.cfg.fixed_view is None and self.cfg.train:
+            return epoch_view_ids(self.views, indices, epoch)
+        return self.view_ids_for(indices)
+
+    def _assemble(self, packed: torch.Tensor, labels: np.ndarray, idx: np.ndarray,
+                  epoch: int) -> Batch:
+        idx, lab = idx.astype(np.int64), labels.astype(np.int64)
+        vids = self._view_ids(idx, epoch)
+        student, teacher, trailer = split_packed(packed, self.student_res, self.teacher_res)
+        if trailer.device.type == "cpu":
+            self._check_trailer(trailer.numpy(), idx, vids)
+            student = self._normalize_cpu(student)
+            teacher = None if teacher is None else self._normalize_cpu(teacher)
+        return self.finish_batch(student, lab, idx, vids, teacher)
+
+    def _normalize_cpu(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC -> the float32 values ``_normalize`` would give, by table."""
+        n, h, w, _ = images.shape
+        if self.cfg.channels_last:
+            out = torch.empty((n, h, w, 3), dtype=torch.float32).permute(0, 3, 1, 2)
+        else:
+            out = torch.empty((n, 3, h, w), dtype=torch.float32)
+        normalize_lut(images.numpy(), self._lut, out.numpy())
+        return out
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.is_floating_point() and images.device == self.device:
+            return images  # already normalized by _normalize_cpu, in the configured format
+        return super()._normalize(images)
+
+    def _check_trailer(self, trailer: np.ndarray, idx: np.ndarray, vids: np.ndarray) -> None:
+        bad = np.flatnonzero(trailer[:, T_STATUS] != 0)
+        if bad.size:
+            raise StoreError(f"{self.path}: libturbojpeg failed to decode sample(s) "
+                             f"{trailer[bad, T_INDEX].tolist()}; re-run dataset_tools/convert.py")
+        if not np.array_equal(trailer[:, T_INDEX], idx):
+            raise StoreError(f"{self.path}: the 'index' field disagrees with the sample "
+                             f"positions; the file is not a converted store, re-convert it")
+        if not np.array_equal(trailer[:, T_VIEW], vids):  # a bug here, not bad data
+            raise RuntimeError("FFCV decoder and Python disagree on view ids")
+
+    def _stop_active(self) -> None:
+        thread, self._active = self._active, None
+        if thread is not None:
+            thread.stop()
+
+    def close(self) -> None:
+        self._stop_active()
+        self._loader = None
