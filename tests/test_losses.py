@@ -15,27 +15,24 @@ from trainer.losses import (CRDLoss, DistillLoss, LossConfig, kd_loss, rkd_loss,
 
 # ------------------------------------------------------------ python oracles
 def py_softmax(z, t=1.0):
-    m = max(z)
-    e = [math.exp((v - m) / t) for v in z]
-    s = sum(e)
-    return [v / s for v in e]
+    e = [math.exp((v - max(z)) / t) for v in z]
+    return [v / sum(e) for v in e]
 
 
-def py_huber(a, b):
-    d = abs(a - b)
-    return 0.5 * d * d if d < 1 else d - 0.5
-
-
-def py_norm(v):
-    return math.sqrt(sum(x * x for x in v))
-
-
-def py_sub(a, b):
-    return [x - y for x, y in zip(a, b)]
+def py_huber(a, b):  # smooth-L1 with beta 1
+    return 0.5 * (a - b) ** 2 if abs(a - b) < 1 else abs(a - b) - 0.5
 
 
 def py_dot(a, b):
     return sum(x * y for x, y in zip(a, b))
+
+
+def py_norm(v):
+    return math.sqrt(py_dot(v, v))
+
+
+def py_sub(a, b):
+    return [x - y for x, y in zip(a, b)]
 
 
 def py_rkd(s, t, w_d, w_a):
@@ -109,8 +106,7 @@ def test_kd_hand_computed_with_mixed_teacher_probabilities():
     s_logits = [[1.0, 0.2, 0.3], [-0.5, 2.0, 1.0]]
     temp, lam = 3.0, 0.7
     single = [py_softmax(z, temp) for z in t_logits]
-    mixed = [[lam * a + (1 - lam) * b for a, b in zip(single[0], single[1])],
-             [lam * a + (1 - lam) * b for a, b in zip(single[1], single[0])]]
+    mixed = [[lam * a + (1 - lam) * b for a, b in zip(single[i], single[1 - i])] for i in range(2)]
     expected = 0.0
     for p, z in zip(mixed, s_logits):
         q = py_softmax(z, temp)
@@ -140,8 +136,7 @@ def test_kd_gradient_scale_is_constant_for_large_temperature():
     """For zero-mean logits the gradient tends to (z - v) / (C B) as T grows:
     with T^2 it stays put, without it it would shrink like 1/T^2."""
     torch.manual_seed(0)
-    z0 = torch.randn(3, 5)
-    v = torch.randn(3, 5)
+    z0, v = torch.randn(3, 5), torch.randn(3, 5)
     z0, v = z0 - z0.mean(1, keepdim=True), v - v.mean(1, keepdim=True)
     limit = (z0 - v) / (5 * 3)
     grads = {}
@@ -171,9 +166,8 @@ def test_kd_zero_for_identical_logits_positive_otherwise():
 def test_rkd_hand_computed():
     s = [[0.0, 1.0, 2.0], [1.0, 0.5, -1.0], [2.0, 2.0, 0.0], [-1.0, 0.0, 1.0]]
     t = [[1.0, 0.0], [0.0, 2.0], [3.0, 1.0], [-2.0, -1.0]]
-    st, tt = torch.tensor(s), torch.tensor(t)
     for w_d, w_a in ((25.0, 50.0), (1.0, 0.0), (0.0, 1.0)):
-        got = rkd_loss(st, tt, w_d, w_a)
+        got = rkd_loss(torch.tensor(s), torch.tensor(t), w_d, w_a)
         assert got.item() == pytest.approx(py_rkd(s, t, w_d, w_a), rel=1e-4, abs=1e-6), (w_d, w_a)
 
 
@@ -199,13 +193,21 @@ def test_rkd_invariant_to_teacher_scale_rotation_translation():
     assert rkd_loss(0.2 * t @ q, t).item() < 1e-5
 
 
+def test_rkd_is_float32_under_autocast():
+    torch.manual_seed(0)
+    s, t = torch.randn(32, 64) + 5, torch.randn(32, 48)
+    ref = rkd_loss(s, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = rkd_loss(s, t)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_rkd_gradients_finite_with_duplicate_embeddings():
     torch.manual_seed(0)
-    s = torch.randn(6, 5)
-    s[3] = s[1]
+    s, t = torch.randn(6, 5), torch.randn(6, 4)
+    s[3], t[2] = s[1], t[0]
     s.requires_grad_(True)
-    t = torch.randn(6, 4)
-    t[2] = t[0]
     loss = rkd_loss(s, t)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
@@ -232,9 +234,7 @@ def py_crd(module, fs, ft, contrast_idx):
     for out in (out_s, out_t):
         flat = [v for row in out for v in row]
         z = sum(flat) / len(flat) * n_data
-        m = len(out[0]) - 1
-        pn = 1.0 / n_data
-        s = 0.0
+        m, pn, s = len(out[0]) - 1, 1.0 / n_data, 0.0
         for row in out:
             p = [v / z for v in row]
             s += math.log(p[0] / (p[0] + m * pn + 1e-7))
@@ -247,10 +247,8 @@ def test_crd_hand_computed_and_memory_update():
     torch.manual_seed(0)
     crd = CRDLoss(student_dim=4, teacher_dim=2, num_samples=6, dim=3, negatives=3,
                   temperature=0.07, momentum=0.8)
-    fs = [[0.5, -1.0, 2.0, 0.1], [1.0, 1.0, 0.0, -0.3]]
-    ft = [[1.0, 0.5], [-0.7, 2.0]]
-    idx = [4, 1]
-    contrast = [[4, 0, 2, 5], [1, 3, 3, 0]]
+    fs, ft = [[0.5, -1.0, 2.0, 0.1], [1.0, 1.0, 0.0, -0.3]], [[1.0, 0.5], [-0.7, 2.0]]
+    idx, contrast = [4, 1], [[4, 0, 2, 5], [1, 3, 3, 0]]
     expected, vs, vt = py_crd(crd, fs, ft, contrast)
     old_s, old_t = crd.memory_s.clone(), crd.memory_t.clone()
 
@@ -277,8 +275,7 @@ def test_crd_negative_sampling_is_uniform_and_skips_the_positive():
     crd = CRDLoss(4, 4, num_samples=5, dim=4, negatives=4000)
     positives = torch.tensor([0, 2, 4])
     idx = crd.sample_indices(positives)
-    assert idx.shape == (3, 4001)
-    assert (idx[:, 0] == positives).all()
+    assert idx.shape == (3, 4001) and (idx[:, 0] == positives).all()
     for row, pos in zip(idx, positives.tolist()):
         counts = torch.bincount(row[1:], minlength=5).float() / 4000
         assert counts[pos] == 0
@@ -288,8 +285,7 @@ def test_crd_negative_sampling_is_uniform_and_skips_the_positive():
 
 def test_crd_loss_decreases_when_student_learns_teacher_embeddings():
     torch.manual_seed(0)
-    n = 64
-    teacher = torch.randn(n, 16)
+    n, teacher = 64, torch.randn(64, 16)
     student = torch.nn.Parameter(torch.randn(n, 32))
     crd = CRDLoss(32, 16, num_samples=n, dim=16, negatives=32)
     opt = torch.optim.Adam([student, *crd.parameters()], lr=0.02)
@@ -314,7 +310,7 @@ def test_crd_state_checkpoints_and_runs_in_float32_under_autocast():
     torch.manual_seed(0)
     crd = CRDLoss(8, 6, num_samples=20, dim=4, negatives=5)
     fs, ft, idx = torch.randn(3, 8), torch.randn(3, 6), torch.tensor([1, 7, 19])
-    crd(fs, ft, idx)
+    crd(fs, ft, idx)  # sets Z and moves the memories away from their init
     state = crd.state_dict()
     assert {"memory_s", "memory_t", "log_z", "embed_s.linear.weight", "embed_t.linear.weight"} <= set(state)
     restored = CRDLoss(8, 6, num_samples=20, dim=4, negatives=5)
@@ -336,8 +332,7 @@ def test_distill_loss_is_the_weighted_sum_of_its_components():
     torch.manual_seed(0)
     cfg = LossConfig(ce=1.0, kd=0.5, rkd=0.3, crd=0.2, temperature=2.0, crd_negatives=8)
     crit = DistillLoss(cfg, student_dim=12, teacher_dim=10, num_samples=30)
-    s_logits = torch.randn(5, 7, requires_grad=True)
-    s_emb = torch.randn(5, 12, requires_grad=True)
+    s_logits, s_emb = torch.randn(5, 7, requires_grad=True), torch.randn(5, 12, requires_grad=True)
     targets = F.one_hot(torch.tensor([0, 1, 2, 3, 4]), 7).float() * 0.6 + 0.4 / 7
     t_probs = teacher_probs(torch.randn(5, 7), 2.0)
     t_emb = torch.randn(5, 10)
@@ -375,3 +370,29 @@ def test_distill_loss_skips_zero_weights_and_rejects_missing_inputs():
         LossConfig(ce=0.0)
     with pytest.raises(ValueError, match="loss.kd"):
         LossConfig(kd=-1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_losses_on_cuda_under_bf16_autocast_match_cpu():
+    torch.manual_seed(0)
+    s_logits, s_emb, t_emb = torch.randn(6, 7), torch.randn(6, 12), torch.randn(6, 10)
+    targets = F.one_hot(torch.arange(6), 7).float()
+    t_probs = teacher_probs(torch.randn(6, 7), 4.0)
+    cfg = LossConfig(ce=1.0, kd=0.5, rkd=0.3, temperature=4.0)
+    ref_total, ref_parts = DistillLoss(cfg)(s_logits, s_emb, targets, t_probs, t_emb)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        total, parts = DistillLoss(cfg)(*(x.cuda() for x in (s_logits, s_emb, targets, t_probs, t_emb)))
+    assert total.dtype == torch.float32
+    for k in ref_parts:
+        torch.testing.assert_close(parts[k].cpu(), ref_parts[k], rtol=1e-4, atol=1e-5)
+
+    crd = CRDLoss(12, 10, num_samples=30, dim=8, negatives=5)
+    idx = torch.tensor([3, 9, 0, 29, 17, 4])
+    contrast = crd.sample_indices(idx)
+    crd_gpu = copy.deepcopy(crd).cuda()
+    ref = crd(s_emb, t_emb, idx, contrast)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = crd_gpu(s_emb.cuda(), t_emb.cuda(), idx.cuda(), contrast.cuda())
+    # loose enough for TF32 matmuls, should a caller have enabled them
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(crd_gpu.memory_s.cpu(), crd.memory_s, rtol=1e-3, atol=1e-3)

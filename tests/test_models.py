@@ -125,3 +125,17 @@ def test_aliases_and_options():
     assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
     with pytest.raises(TypeError, match="no options"):
         create_model("resnet20", 10, width=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["resnet8x4", "shufflenetv1", "resnet18", "mobilenet_v3_small"])
+def test_cuda_channels_last_bf16_train_step(name):
+    torch.manual_seed(0)
+    model = create_model(name, 10, low_res_stem=True).cuda().to(memory_format=torch.channels_last).train()
+    x = torch.randn(4, 3, 16, 16, device="cuda").contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        emb, logits = model(x, return_features=True)
+    assert logits.shape == (4, 10) and emb.shape == (4, model.feature_dim)
+    logits.float().logsumexp(1).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

@@ -129,13 +129,22 @@ def rkd_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor,
     if student_emb.shape[0] != teacher_emb.shape[0]:
         raise ValueError(f"RKD needs the same batch on both sides, got {student_emb.shape[0]} "
                          f"student and {teacher_emb.shape[0]} teacher embeddings")
-    loss = student_emb.new_zeros((), dtype=torch.float32)
+    # autocast would run the Gram matmuls in half precision, where the
+    # distance algebra cancels badly
+    with torch.autocast(student_emb.device.type, enabled=False):
+        return _rkd_fp32(student_emb.float(), teacher_emb.float(), w_dist, w_angle)
+
+
+def _rkd_fp32(student_emb: torch.Tensor, teacher_emb: torch.Tensor, w_dist: float,
+              w_angle: float) -> torch.Tensor:
+    loss = student_emb.new_zeros(())
     with torch.no_grad():
         t_dist, t_gram, t_valid = _distances(teacher_emb)
     s_dist, s_gram, s_valid = _distances(student_emb)
     if w_dist:
-        t_norm = t_dist / t_dist[t_valid].mean()
-        s_norm = s_dist / s_dist[s_valid].mean()
+        # mean over valid pairs (dist is 0 elsewhere); no boolean indexing, so no device sync
+        t_norm = t_dist / (t_dist.sum() / t_valid.sum().clamp_min(1))
+        s_norm = s_dist / (s_dist.sum() / s_valid.sum().clamp_min(1))
         loss = loss + w_dist * F.smooth_l1_loss(s_norm, t_norm)
     if w_angle:
         with torch.no_grad():

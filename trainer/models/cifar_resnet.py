@@ -55,7 +55,7 @@ class CifarResNet(DistillModel):
         self.relu = nn.ReLU(inplace=True)
         c_in = stem
         stages = []
-        for i, (c_out, stride) in enumerate(zip(stage_widths, (1, 2, 2))):
+        for c_out, stride in zip(stage_widths, (1, 2, 2)):
             blocks = [BasicBlock(c_in if j == 0 else c_out, c_out, stride if j == 0 else 1)
                       for j in range(n)]
             stages.append(nn.Sequential(*blocks))
