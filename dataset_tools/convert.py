@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
         sys.path.insert(0, _root)
 
 import argparse
+import contextlib
 import functools
 import multiprocessing as mp
 import os
@@ -112,25 +113,36 @@ def _check_options(opts: ConvertOptions, split: str) -> None:
             raise ConvertError(f"--{name.replace('_', '-')} must be >= 1")
 
 
-def _bounded(items: Iterable, gate: threading.Semaphore) -> Iterator:
-    """Hand items to the pool only as fast as results are consumed, so decoded
-    images never pile up in memory when writing is the slower side."""
-    for it in items:
-        gate.acquire()
-        yield it
-
-
 def _parallel_map(fn, items: list, workers: int, chunksize: int) -> Iterator:
-    """Ordered results of ``fn`` over ``items``; in-process when workers <= 1."""
+    """Ordered results of ``fn`` over ``items``; in-process when workers <= 1.
+
+    Items are handed to the pool only as fast as results are consumed (a
+    semaphore), so decoded images never pile up in memory when writing is
+    the slower side. Closing the generator early (an error) stops the feeder
+    and terminates the pool."""
     if workers <= 1:
         yield from map(fn, items)
         return
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    gate = threading.Semaphore(max(chunksize * workers * 4, chunksize))
-    with ctx.Pool(workers) as pool:
-        for result in pool.imap(fn, _bounded(items, gate), chunksize=chunksize):
+    gate, stop = threading.Semaphore(max(chunksize * workers * 4, chunksize)), threading.Event()
+
+    def feed() -> Iterator:  # runs in the pool's task-handler thread
+        for it in items:
+            gate.acquire()
+            if stop.is_set():
+                return
+            yield it
+
+    pool = ctx.Pool(workers)
+    try:
+        for result in pool.imap(fn, feed(), chunksize=chunksize):
             gate.release()
             yield result
+    finally:
+        stop.set()
+        gate.release()  # wake the feeder so it sees ``stop``
+        pool.terminate()
+        pool.join()
 
 
 def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOptions,
@@ -167,7 +179,7 @@ def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOpt
     workers = max(1, opts.workers)
     chunksize = max(1, min(64, n // (workers * 8) or 1))
     start = time.perf_counter()
-    with source, Staging(out_dir) as staging:
+    with source, Staging(out_dir) as staging, contextlib.ExitStack() as stack:
         root = staging.path
         beton = lowres = shards = None
         try:
@@ -185,8 +197,8 @@ def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOpt
             stats, fp = mf.DatasetStats(len(source.classes)), mf.Fingerprint()
             digest, low_digest = mf.PixelDigest(), mf.PixelDigest()
             skipped = list(source.skipped)
-            results = _parallel_map(functools.partial(prepare_sample, enc), source.items,
-                                    workers, chunksize)
+            results = stack.enter_context(contextlib.closing(_parallel_map(
+                functools.partial(prepare_sample, enc), source.items, workers, chunksize)))
             bar = tqdm(results, total=n, unit="img", desc=f"convert {split}", disable=not progress,
                        mininterval=0.5, file=sys.stderr)
             for res in bar:
