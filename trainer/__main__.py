@@ -1,0 +1,44 @@
+"""``python -m trainer teacher|calibrate|cache|distill|evaluate --config FILE.yaml [key=value ...]``"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from trainer.config import ConfigError, load_config
+
+JOBS = ("teacher", "calibrate", "cache", "distill", "evaluate")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    p.add_argument("job", choices=JOBS)
+    p.add_argument("--config", help="YAML recipe (see configs/)")
+    p.add_argument("--checkpoint", default="", help="evaluate: checkpoint to evaluate")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.1")
+    args = p.parse_intermixed_args(argv)
+
+    from trainer import jobs
+    from trainer.recipe import Config
+    try:
+        cfg = load_config(Config, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.job == "evaluate":
+            result = jobs.run_evaluate(cfg, args.checkpoint)
+        else:
+            result = getattr(jobs, f"run_{args.job}")(cfg)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        if os.environ.get("CQKD_DEBUG"):
+            raise
+        print(f"error: {e}\n(set CQKD_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

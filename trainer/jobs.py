@@ -1,0 +1,155 @@
+"""The five jobs of the CLI: teacher, calibrate, cache, distill, evaluate."""
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipelines.loader import LoaderConfig, create_loader
+from trainer.calibration import calibration_metrics, reliability_diagram
+from trainer.checkpoint import atomic_write_bytes, load_checkpoint
+from trainer.engine import (Trainer, amp_dtype, cache_key, collect_logits, evaluate_model, load_teacher,
+                            setup_distributed)
+from trainer.logit_cache import LogitCache, fill_cache
+from trainer.models import create_model
+from trainer.recipe import Config
+from trainer.temperature import fit_temperature
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_bytes(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def _autocast_for(cfg: Config, device):
+    dt = amp_dtype(cfg, device)
+    return (lambda: torch.autocast(device.type, dtype=dt)) if dt is not None else nullcontext
+
+
+def _eval_loader(cfg: Config, store: str, resolution: int, device, **kw):
+    d = cfg.data
+    lc = LoaderConfig(backend=d.backend, store=store, batch_size=d.eval_batch_size,
+                      num_workers=d.num_workers, shuffle=False, drop_last=False,
+                      student_resolution=resolution, train=False, seed=cfg.run.seed,
+                      channels_last=d.channels_last, device=str(device), **kw)
+    return create_loader(lc, rank=0, world_size=1)
+
+
+def run_teacher(cfg: Config) -> dict:
+    """Plain cross-entropy at full resolution: the usual overconfident teacher."""
+    trainer = Trainer(cfg, "teacher")
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    return result
+
+
+def run_calibrate(cfg: Config) -> dict:
+    """Fit one temperature on the held-out split by minimizing NLL.
+
+    The ECE after scaling is reported by 2-fold cross-fitting (fit on half the
+    held-out samples, measure on the other half, and vice versa), so the
+    reported improvement is not measured on the samples T was fitted to; the
+    saved temperature is fitted on all of them.
+    """
+    device = setup_distributed(cfg)
+    with _eval_loader(cfg, cfg.data.val_store, cfg.data.teacher_resolution, device) as loader:
+        teacher, whash = load_teacher(cfg, loader.store.num_classes, device)
+        logits, labels = collect_logits(teacher, loader, _autocast_for(cfg, device))
+    full = fit_temperature(logits, labels)
+    even, odd = torch.arange(0, len(labels), 2), torch.arange(1, len(labels), 2)
+    cross = []
+    for fit_idx, test_idx in ((even, odd), (odd, even)):
+        t = fit_temperature(logits[fit_idx], labels[fit_idx]).temperature
+        cross.append(calibration_metrics(logits[test_idx] / t, labels[test_idx])["ece"])
+    before = calibration_metrics(logits, labels)
+    result = {"temperature": full.temperature, "teacher_weights_hash": whash,
+              "nll_before": full.nll_before, "nll_after": full.nll_after,
+              "ece_before": before["ece"], "ece_after_fitted": full.ece_after,
+              "ece_after_crossfit": sum(cross) / 2, "accuracy": before["top1"],
+              "num_samples": len(labels), "store": cfg.data.val_store}
+    cfg.teacher_dir.mkdir(parents=True, exist_ok=True)
+    write_json(cfg.temperature_file, result)
+    reliability_diagram(logits, labels, cfg.teacher_dir / "reliability_before.png",
+                        title=f"teacher {cfg.model.teacher}, T=1")
+    reliability_diagram(logits / full.temperature, labels, cfg.teacher_dir / "reliability_after.png",
+                        title=f"teacher {cfg.model.teacher}, T={full.temperature:.2f}")
+    return result
+
+
+def run_cache(cfg: Config) -> dict:
+    """Fill the teacher-logit cache: K full-resolution views per sample."""
+    device = setup_distributed(cfg)
+    d = cfg.data
+    if d.num_views < 1:
+        raise ValueError("data.num_views must be >= 1 to fill a logit cache")
+    probe = _eval_loader(cfg, d.train_store, d.teacher_resolution, device)
+    store = probe.store
+    probe.close()
+    teacher, whash = load_teacher(cfg, store.num_classes, device)
+    key = cache_key(cfg, whash, store.fingerprint)
+    autocast = _autocast_for(cfg, device)
+    bar = tqdm(total=store.num_samples * d.num_views, desc="teacher logits", disable=not cfg.run.progress)
+    t0 = time.perf_counter()
+
+    def view_batches(v):
+        # Same view contract as training (seed, K, scale, ratio, flip); every sample once.
+        lc = LoaderConfig(backend=d.backend, store=d.train_store, batch_size=d.eval_batch_size,
+                          num_workers=d.num_workers, shuffle=False, drop_last=False,
+                          student_resolution=d.teacher_resolution, train=True, fixed_view=v,
+                          seed=cfg.run.seed, num_views=d.num_views, scale=d.scale, ratio=d.ratio,
+                          flip=d.flip, channels_last=d.channels_last, device=str(device))
+        with create_loader(lc, rank=0, world_size=1) as loader:
+            for batch in loader:
+                def compute(batch=batch):
+                    with torch.no_grad(), autocast():
+                        return teacher(batch.student).float().cpu().numpy()
+                yield batch.indices.cpu().numpy(), compute
+
+    path = fill_cache(cfg.cache_path, key, store.num_samples, store.num_classes, d.num_views,
+                      view_batches, dtype=cfg.distill.cache_dtype, progress=bar.update)
+    bar.close()
+    cache = LogitCache.open(path, key)
+    return {"path": str(path), "num_samples": cache.num_samples, "num_views": cache.num_views,
+            "num_classes": cache.num_classes, "dtype": cfg.distill.cache_dtype,
+            "fp16_max_abs_error": cache.fp16_max_abs_error, "seconds": time.perf_counter() - t0}
+
+
+def run_distill(cfg: Config) -> dict:
+    trainer = Trainer(cfg, "student")
+    try:
+        result = trainer.fit()
+    finally:
+        trainer.close()
+    return result
+
+
+def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
+    """Accuracy and the calibration family of a checkpoint on the val split,
+    plus its reliability diagram."""
+    device = setup_distributed(cfg)
+    path = Path(checkpoint) if checkpoint else cfg.student_dir / "final.pt"
+    ck = load_checkpoint(path)
+    for k in ("arch", "num_classes", "model", "student_resolution"):
+        if k not in ck:
+            raise ValueError(f"{path}: not a checkpoint of this trainer (missing {k!r})")
+    with _eval_loader(cfg, cfg.data.val_store, ck["student_resolution"], device) as loader:
+        if loader.store.num_classes != ck["num_classes"]:
+            raise ValueError(f"{path}: model has {ck['num_classes']} classes, {cfg.data.val_store} has "
+                             f"{loader.store.num_classes}")
+        model = create_model(ck["arch"], ck["num_classes"], low_res_stem=cfg.model.low_res_stem)
+        model.load_state_dict(ck["model"])
+        model = model.to(device)
+        autocast = _autocast_for(cfg, device)
+        metrics = evaluate_model(model, loader, autocast)
+        logits, labels = collect_logits(model, loader, autocast)
+    png = path.with_name(path.stem + "_reliability.png")
+    reliability_diagram(logits, labels, png, title=f"{ck['arch']} @ {ck['student_resolution']}px")
+    result = {"checkpoint": str(path), "arch": ck["arch"], "resolution": ck["student_resolution"],
+              **metrics, "reliability_diagram": str(png)}
+    write_json(path.with_name(path.stem + "_eval.json"), result)
+    return result

@@ -1,0 +1,118 @@
+"""The declared config sections of a run (YAML files in ``configs/``).
+
+``python -m trainer JOB --config configs/cifar100.yaml optim.lr=0.1 ...``
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.mixing import MixConfig
+from trainer.losses import LossConfig
+
+
+@dataclass
+class RunSection:
+    name: str = "cifar100"  # runs/<name>/ holds teacher, cache and students
+    tag: str = "student"  # sub-folder of one distillation run (e.g. kd, kd_cutmix)
+    out_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
+    compile: bool = False  # torch.compile the model
+    deterministic: bool = False  # bitwise-reproducible CPU runs (resume equality)
+    checkpoint_every: int = 0  # steps between checkpoints (0: end of each epoch only)
+    log_every: int = 50  # steps between progress-bar/metric syncs
+    resume: bool = False
+    max_steps: int = 0  # stop after this many optimizer steps (0: no limit)
+    progress: bool = True
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+@dataclass
+class DataSection:
+    train_store: str = "stores/cifar100/train"
+    val_store: str = "stores/cifar100/test"
+    backend: str = "reference"  # reference | ffcv | dali
+    batch_size: int = 128
+    eval_batch_size: int = 500
+    num_workers: int = 2
+    teacher_resolution: int = 32  # the teacher sees full-resolution views
+    student_resolution: int = 16  # the student's low resolution (absolute size)
+    student_factor: float = 0.0  # > 0: student_resolution = teacher_resolution * factor
+    lowres: bool = False  # read the student view from the low-res companion store
+    scale: tuple[float, float] = (0.35, 1.0)
+    ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    flip: bool = True
+    num_views: int = 4  # K replayable views (cache rows per sample); 0 = fresh crops
+    channels_last: bool = False
+
+    @property
+    def student_size(self) -> int:
+        if self.student_factor > 0:
+            return max(8, round(self.teacher_resolution * self.student_factor))
+        return self.student_resolution
+
+
+@dataclass
+class ModelSection:
+    teacher: str = "resnet32x4"
+    student: str = "resnet8x4"
+    low_res_stem: bool = True  # for torchvision ImageNet models at low resolution
+
+
+@dataclass
+class OptimSection:
+    epochs: int = 240
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step
+    milestones: tuple[float, ...] = (0.625, 0.75, 0.875)  # fractions of training (step)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+
+
+@dataclass
+class DistillSection:
+    targets: str = "cached"  # cached (logit cache) | online (teacher runs) | none (supervised)
+    cache_dtype: str = "float16"
+    temperature_from_calibration: bool = False  # use the calibrated T as the KD temperature
+    teacher_checkpoint: str = ""  # default: runs/<name>/teacher/final.pt
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    mix: MixConfig = field(default_factory=MixConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillSection = field(default_factory=DistillSection)
+
+    # --- where each job's outputs live -------------------------------------
+    @property
+    def teacher_dir(self) -> Path:
+        return self.run.root / "teacher"
+
+    @property
+    def teacher_checkpoint(self) -> Path:
+        return Path(self.distill.teacher_checkpoint) if self.distill.teacher_checkpoint \
+            else self.teacher_dir / "final.pt"
+
+    @property
+    def temperature_file(self) -> Path:
+        return self.teacher_dir / "temperature.json"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.run.root / f"logits_K{self.data.num_views}_r{self.data.teacher_resolution}.h5"
+
+    @property
+    def student_dir(self) -> Path:
+        return self.run.root / self.run.tag
