@@ -19,10 +19,10 @@ status), on CUDA that check is skipped to avoid a device sync.
 Differences from the reference backend (PIL decode + torchvision antialiased
 bilinear resize): FFCV decodes with libturbojpeg's fast IDCT and resizes with
 ``INTER_AREA``; pixels differ by a few levels (tests bound it). With
-``reduced_decode`` a JPEG whose crop is >= d x the largest output (d = 8, 4, 2)
-is decoded at 1/d scale by libturbojpeg's DCT scaling (FFCV 1.0.2's
-``imdecode`` exposes the scale; it never uses it itself) and the same
-normalized box is rounded on that smaller image. Raw samples are read in place.
+``reduced_decode`` a JPEG whose crop is >= 2d x the largest output (largest
+d of 8, 4, 2; the reference's rule) is decoded at 1/d scale by libturbojpeg's
+DCT scaling (FFCV 1.0.2's ``imdecode`` exposes the scale; it never uses it
+itself) and the same normalized box is rounded on that smaller image. Raw samples are read in place.
 The low-res store (``lowres=True``, raw pixels at a reduced size) is the fast
 path: no decode at all, and a small resize.
 
@@ -102,6 +102,23 @@ class _EpochThread(EpochIterator):
         self.error: Optional[BaseException] = None
         super().__init__(loader, order)  # starts the thread
 
+    # FFCV's run() takes batches from ``iter_ixes`` and only looks at the
+    # terminate event when its queue stays full; ending the batch iterator
+    # makes a stopped thread finish after the batch in progress.
+    @property
+    def iter_ixes(self):
+        return self._ixes
+
+    @iter_ixes.setter
+    def iter_ixes(self, batches):
+        self._ixes = self._until_stopped(batches)
+
+    def _until_stopped(self, batches):
+        for batch in batches:
+            if self.terminate_event.is_set():
+                return
+            yield batch
+
     def run(self):
         try:
             super().run()
@@ -130,7 +147,8 @@ class _EpochThread(EpochIterator):
         return self.cuda_streams[0] is not None
 
     def stop(self) -> None:
-        """Stop and join the thread (it may be blocked on a full queue)."""
+        """Stop and join the thread: it finishes the batch in progress, then
+        puts that batch and its end marker (draining unblocks the puts)."""
         self.terminate_event.set()
         while self.is_alive():
             try:
@@ -138,7 +156,7 @@ class _EpochThread(EpochIterator):
                     self.output_queue.get_nowait()
             except queue.Empty:
                 pass
-            self.join(timeout=0.05)
+            self.join(timeout=0.01)
         self.close()
 
 

@@ -42,6 +42,10 @@ T_INDEX, T_VIEW, T_TOP, T_LEFT, T_CROP_H, T_CROP_W, T_DEC_H, T_DEC_W, T_FLIP, T_
 TRAILER_LEN = 10
 _DCT_DENOMS = (8, 4, 2)  # libjpeg-turbo scales by 1/2, 1/4, 1/8 inside the IDCT
 _JPG = int(IMAGE_MODES['jpg'])
+# Reduced decode keeps the crop >= this x the output size, so the final
+# INTER_AREA resize still antialiases; the reference backend uses the same
+# rule (pipelines.reference.reduced_scale), so both pick the same DCT scale.
+_DRAFT_KEEP = 2
 
 
 @intrinsic
@@ -137,7 +141,7 @@ def decode_views(batch_indices, records, destination, temp_storage, epoch, seed,
             if reduced:
                 _, _, ch, cw = box_to_pixels(y0, x0, bh, bw, height, width)
                 for d in _DCT_DENOMS:
-                    if ch >= d * need and cw >= d * need:
+                    if ch >= _DRAFT_KEEP * d * need and cw >= _DRAFT_KEEP * d * need:
                         denom = d
                         break
             dec_h = (height + denom - 1) // denom  # TJSCALED: what libturbojpeg outputs
@@ -197,10 +201,11 @@ class ViewCropDecoder(ResizedCropRGBImageDecoder):
     ``view_id < 0`` selects ``epoch_view_id(seed, num_views, epoch, index)``
     with ``epoch`` read from ``epoch_cell`` at decode time.
 
-    ``reduced_decode``: JPEG samples whose crop is at least ``d`` times the
-    largest output size (d in 8, 4, 2) are decoded by libturbojpeg at 1/d
-    scale (its DCT scaling, through FFCV's ``imdecode`` scale arguments), and
-    the box is applied to that smaller image. Raw samples are never scaled.
+    ``reduced_decode``: JPEG samples whose crop is at least ``2 d`` times the
+    largest output size (d in 8, 4, 2; the largest such d) are decoded by
+    libturbojpeg at 1/d scale (its DCT scaling, through FFCV's ``imdecode``
+    scale arguments), and the box is applied to that smaller image. Raw
+    samples are never scaled.
 
     FFCV compiles :meth:`generate_code`'s function for every Loader; it only
     gathers where each sample's bytes are (``memory_read`` is specific to the
