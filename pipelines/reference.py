@@ -35,6 +35,7 @@ batch.
 from __future__ import annotations
 
 import io
+import multiprocessing as mp
 import os
 import tarfile
 from dataclasses import dataclass
@@ -251,9 +252,15 @@ class ReferenceLoader(BaseLoader):
         self.sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank,
                                           shuffle=cfg.shuffle, seed=cfg.seed, drop_last=False)
         batches = BatchSampler(self.sampler, cfg.batch_size, drop_last=cfg.drop_last)
+        # Fork where available: under torch.multiprocessing.spawn the default
+        # start method is spawn, and spawned workers re-import torch each epoch.
+        # The workers only decode and resize on the CPU, so fork is safe even
+        # after CUDA was initialized in this process.
+        fork = "fork" if cfg.num_workers > 0 and "fork" in mp.get_all_start_methods() else None
         self._dl = DataLoader(self.dataset, batch_sampler=_ViewBatches(self, batches),
                               num_workers=cfg.num_workers, collate_fn=collate,
-                              pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init)
+                              pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init,
+                              multiprocessing_context=fork)
         self._active = None  # the DataLoader iterator of the epoch in progress
 
     def set_epoch(self, epoch: int) -> None:

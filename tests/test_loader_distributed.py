@@ -1,0 +1,142 @@
+"""Sharding across ranks: two real processes (gloo, CPU) per backend.
+
+Every backend documents DistributedSampler's scheme (drop_last=False): the
+epoch's order is padded by repeating its head to a multiple of the world size
+and rank r takes every world-th sample starting at r. So with 21 samples and
+2 ranks, each rank sees 11 and exactly one sample -- the first of the epoch's
+order -- is seen twice.
+"""
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import make_subset
+from dataset_tools.convert import main as convert_main
+from pipelines.loader import BACKENDS, LoaderConfig, create_loader
+
+WORLD, N, EPOCHS = 2, 21, (0, 1)
+
+
+def _available(backend: str):
+    """A backend runs here when its module imports; ffcv/dali modules are
+    written separately and may be absent (a real absence, not a failure)."""
+    try:
+        importlib.import_module(BACKENDS[backend].split(":")[0])
+        return True, ""
+    except ImportError as e:
+        return False, f"{backend} backend not importable: {e}"
+
+
+# Plain names, checked inside the test: importing ffcv/dali at collection would
+# also run in every spawned rank (it imports this module) and costs ~10 s each.
+PARAMS = [pytest.param(b, marks=[] if b == "reference" else [pytest.mark.slow]) for b in BACKENDS]
+
+
+@pytest.fixture(scope="module")
+def odd_store(data_root, tmp_path_factory):
+    """21 CIFAR PNGs (3 classes x 7): not divisible by the world size."""
+    tmp = tmp_path_factory.mktemp("dist")
+    src = make_subset(data_root / "cifar100" / "train", tmp / "src", 3, 7)
+    rc = convert_main([str(src), str(tmp / "store"), "--split-name", "train", "--workers", "1",
+                       "--no-progress", "--formats", "ffcv,dali", "--write-mode", "raw"])
+    assert rc == 0
+    return tmp / "store"
+
+
+def _cfg(backend, store) -> LoaderConfig:
+    return LoaderConfig(backend=backend, store=str(store), batch_size=4, num_workers=1,
+                        shuffle=True, seed=5, drop_last=False, device="cpu")
+
+
+def _collect(loader) -> dict:
+    out = {}
+    for epoch in EPOCHS:
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        out[f"sizes{epoch}"] = np.array([len(b) for b in batches])
+        for k in ("indices", "labels", "view_ids"):
+            out[f"{k}{epoch}"] = torch.cat([getattr(b, k) for b in batches]).numpy()
+    out["len"] = np.array(len(loader))
+    return out
+
+
+def _rank_main(rank, backends, store, init_file, out_dir):
+    """One rank: every backend in turn (one spawn pays the imports once). A
+    failing backend is recorded, not raised, so the others still run."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    try:
+        for backend in backends:
+            try:
+                with create_loader(_cfg(backend, store)) as loader:  # rank/world from the group
+                    assert (loader.rank, loader.world_size) == (rank, WORLD), "rank/world_size"
+                    res = _collect(loader)
+            except Exception as e:  # reported by the test of that backend
+                res = {"error": np.array(f"{type(e).__name__}: {e}")}
+            np.savez(f"{out_dir}/{backend}_rank{rank}.npz", **res)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# The reference backend runs in its own (fast) spawn; FFCV and DALI together in
+# a second one (their imports and pipeline compilation make it slow).
+GROUPS = {"reference": ("reference",), "ffcv": ("ffcv", "dali"), "dali": ("ffcv", "dali")}
+
+
+@pytest.fixture(scope="module")
+def dist_runs(odd_store, tmp_path_factory):
+    """backend -> folder with both ranks' results. Two spawned ranks (gloo on
+    CPU, file:// rendezvous) run each group of available backends once."""
+    done = {}
+
+    def get(backend):
+        if backend not in done:
+            group = [b for b in GROUPS[backend] if _available(b)[0]]
+            tmp = tmp_path_factory.mktemp("dist_runs")
+            mp.spawn(_rank_main, args=(group, str(odd_store), str(tmp / "rdzv"), str(tmp)),
+                     nprocs=WORLD, join=True)
+            done.update({b: tmp for b in group})
+        return done[backend]
+
+    return get
+
+
+@pytest.mark.parametrize("backend", PARAMS)
+def test_two_ranks_cover_each_epoch_once_plus_padding(backend, odd_store, dist_runs):
+    ok, why = _available(backend)
+    if not ok:
+        pytest.skip(why)
+    ranks = [dict(np.load(dist_runs(backend) / f"{backend}_rank{r}.npz")) for r in range(WORLD)]
+    for r, res in enumerate(ranks):
+        assert "error" not in res, f"rank {r}: {res.get('error')}"
+    per_rank = -(-N // WORLD)
+    orders = []
+    for epoch in EPOCHS:
+        for res in ranks:
+            assert len(res[f"indices{epoch}"]) == per_rank
+            assert res[f"sizes{epoch}"].tolist() == [4, 4, 3]
+            assert int(res["len"]) == 3
+            assert (res[f"view_ids{epoch}"] == epoch + 1).all()
+        # Undo the round-robin deal: padded[WORLD * j + r] = rank r's j-th sample.
+        padded = np.stack([res[f"indices{epoch}"] for res in ranks], axis=1).reshape(-1)
+        labels = np.stack([res[f"labels{epoch}"] for res in ranks], axis=1).reshape(-1)
+        assert sorted(padded[:N].tolist()) == list(range(N))  # each sample once ...
+        assert padded[N:].tolist() == padded[: WORLD * per_rank - N].tolist()  # ... + the head
+        assert (labels == padded // 7).all()  # 3 classes x 7, in ImageFolder order
+        orders.append(padded[:N].tolist())
+    assert orders[0] != orders[1]
+    assert orders[0] != list(range(N))  # shuffled
+
+    # Explicit rank/world_size, no process group: the same shards.
+    for r in range(WORLD):
+        with create_loader(_cfg(backend, odd_store), rank=r, world_size=WORLD) as loader:
+            res = _collect(loader)
+        for epoch in EPOCHS:
+            assert res[f"indices{epoch}"].tolist() == ranks[r][f"indices{epoch}"].tolist()
