@@ -37,3 +37,22 @@ def imagenette_subset(data_root, tmp_path_factory) -> Path:
     """Imagenette-224 train: 10 classes x 8 JPEGs (224x224)."""
     return make_subset(data_root / "imagenette-224" / "train",
                        tmp_path_factory.mktemp("inette_sub"), 10, 8)
+
+
+@pytest.fixture(scope="session")
+def cifar_stores(data_root, tmp_path_factory) -> dict:
+    """Converted CIFAR-100 stores for trainer tests: train 10 classes x 60,
+    test 10 classes x 20, raw pixels, with a 16 px low-res companion."""
+    from dataset_tools.convert import main as convert_main
+
+    root = tmp_path_factory.mktemp("cifar_stores")
+    out = {}
+    for split, per_class in (("train", 60), ("test", 20)):
+        src = make_subset(data_root / "cifar100" / split, root / f"src_{split}", 10, per_class)
+        args = [str(src), str(root / split), "--write-mode", "raw", "--workers", "1",
+                "--split-name", split]
+        if split == "train":
+            args += ["--student-resolution", "16"]
+        assert convert_main(args) == 0
+        out[split] = root / split
+    return out

@@ -341,9 +341,10 @@ class Trainer:
                     **{f"val_{k}": v for k, v in val.items()}, "epoch_seconds": time.perf_counter() - t0}
             self.log(last)
             self.save("last.pt")
-            if stopped:
+            if stopped:  # interrupted on purpose (max_steps): resumable, not final
                 break
-        self.save("final.pt")
+        else:
+            self.save("final.pt")
         if dist.is_initialized():
             dist.barrier()
         return last
