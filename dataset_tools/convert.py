@@ -113,7 +113,8 @@ def _check_options(opts: ConvertOptions, split: str) -> None:
             raise ConvertError(f"--{name.replace('_', '-')} must be >= 1")
 
 
-def _parallel_map(fn, items: list, workers: int, chunksize: int) -> Iterator:
+def _parallel_map(fn, items: list, workers: int, chunksize: int,
+                  initializer=None) -> Iterator:
     """Ordered results of ``fn`` over ``items``; in-process when workers <= 1.
 
     Items are handed to the pool only as fast as results are consumed (a
@@ -133,7 +134,7 @@ def _parallel_map(fn, items: list, workers: int, chunksize: int) -> Iterator:
                 return
             yield it
 
-    pool = ctx.Pool(workers)
+    pool = ctx.Pool(workers, initializer=initializer)
     try:
         for result in pool.imap(fn, feed(), chunksize=chunksize):
             gate.release()
@@ -149,7 +150,8 @@ def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOpt
             progress: bool = True) -> ConvertResult:
     """Convert ``src`` into ``out_dir`` atomically. Raises ConvertError on bad
     input (with on_error='fail'), leaving ``out_dir`` untouched."""
-    from dataset_tools.records import EncodeOptions, Rejected, lowres_side, prepare_sample
+    from dataset_tools.records import (EncodeOptions, Rejected, lowres_side, prepare_sample,
+                                       worker_init)
     from dataset_tools.sources import BadInput, SourceError, open_source
     from dataset_tools.writers import (RAW_MODE, BetonWriter, ImageRecord, RecordTooLarge,
                                        ShardWriter, page_size_for)
@@ -177,7 +179,7 @@ def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOpt
                         max_pixels=opts.max_pixels, want_ffcv=want_ffcv, want_dali=want_dali)
     n = len(source.items)
     workers = max(1, opts.workers)
-    chunksize = max(1, min(64, n // (workers * 8) or 1))
+    chunksize = max(1, min(16, n // (workers * 8)))  # bounds results in flight, see _parallel_map
     start = time.perf_counter()
     with source, Staging(out_dir) as staging, contextlib.ExitStack() as stack:
         root = staging.path
@@ -198,7 +200,8 @@ def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOpt
             digest, low_digest = mf.PixelDigest(), mf.PixelDigest()
             skipped = list(source.skipped)
             results = stack.enter_context(contextlib.closing(_parallel_map(
-                functools.partial(prepare_sample, enc), source.items, workers, chunksize)))
+                functools.partial(prepare_sample, enc), source.items, workers, chunksize,
+                initializer=worker_init)))
             bar = tqdm(results, total=n, unit="img", desc=f"convert {split}", disable=not progress,
                        mininterval=0.5, file=sys.stderr)
             for res in bar:

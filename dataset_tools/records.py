@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import cv2
 import numpy as np
 from ffcv.fields.rgb_image import encode_jpeg, resizer
 from ffcv.libffcv import imdecode
@@ -90,19 +91,29 @@ def resize_shorter(rgb: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
 
 
-def is_passthrough_jpeg(data: bytes, height: int, width: int) -> bool:
-    """Can the source JPEG bytes go into the shards untouched? Only a baseline
-    (not progressive) 3-channel RGB/YCbCr JPEG without an EXIF rotation,
-    whose header size matches the decoded pixels: every decoder (DALI's
-    nvJPEG included) then sees exactly the same image."""
+def passthrough_ext(data: bytes, fmt: str, height: int, width: int) -> Optional[str]:
+    """Can the source bytes go into the shards untouched? Returns the member
+    extension ('jpg'/'png') or None. Only for files every decoder (DALI's
+    nvJPEG included) turns into exactly our pixels: a baseline (not
+    progressive) 3-channel JPEG without EXIF rotation, or a plain 8-bit RGB
+    PNG without transparency, whose header size matches the decoded pixels."""
+    if fmt not in ("jpeg", "png"):
+        return None
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return (im.format == "JPEG" and im.mode == "RGB"
-                    and not im.info.get("progressive") and not im.info.get("progression")
-                    and im.size == (width, height)
-                    and im.getexif().get(EXIF_ORIENTATION, 1) == 1)
+            if im.mode != "RGB" or im.size != (width, height):
+                return None
+            if fmt == "jpeg":
+                ok = (im.format == "JPEG" and not im.info.get("progressive")
+                      and not im.info.get("progression")
+                      and im.getexif().get(EXIF_ORIENTATION, 1) == 1)
+                return "jpg" if ok else None
+            rawmode = im.tile[0][3] if im.tile else None
+            rawmode = rawmode[0] if isinstance(rawmode, tuple) else rawmode
+            ok = im.format == "PNG" and rawmode == "RGB" and "transparency" not in im.info
+            return "png" if ok else None
     except Exception:  # unreadable header -> re-encode instead
-        return False
+        return None
 
 
 def _use_jpeg(opts: EncodeOptions, sha256_hex: str) -> bool:
@@ -119,6 +130,12 @@ def _png(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
+
+
+def worker_init() -> None:
+    """Pool initializer: parallelism comes from the processes, so keep
+    OpenCV single-threaded in each (no oversubscription)."""
+    cv2.setNumThreads(1)
 
 
 def prepare_sample(opts: EncodeOptions, item: SourceItem) -> Prepared | Rejected:
@@ -151,9 +168,12 @@ def prepare_sample(opts: EncodeOptions, item: SourceItem) -> Prepared | Rejected
             out.ffcv_digest = sample_pixel_digest(rgb)
     if opts.want_dali:
         within_max = rgb.shape == loaded.rgb.shape  # FFCV's resizer left it alone
-        if (within_max and loaded.fmt == "jpeg" and loaded.data is not None
-                and is_passthrough_jpeg(loaded.data, h, w)):
-            out.wds_ext, out.wds_bytes = "jpg", bytes(loaded.data)
+        keep = (passthrough_ext(loaded.data, loaded.fmt, h, w)
+                if within_max and loaded.data is not None else None)
+        # A lossless PNG source stays PNG in every mode; a JPEG source stays
+        # itself rather than being re-compressed.
+        if keep:
+            out.wds_ext, out.wds_bytes = keep, bytes(loaded.data)
         elif as_jpeg:
             out.wds_ext, out.wds_bytes = "jpg", jpeg.tobytes()
         else:

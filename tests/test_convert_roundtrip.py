@@ -143,16 +143,27 @@ def test_dali_shards_read_back(stores, cifar_subset, imagenette_subset):
     assert len(res.manifest["stores"]["dali"]["shards"]) == math.ceil(len(src_imgs) / 30)
 
 
-def test_passthrough_jpeg_bytes_untouched(stores, imagenette_subset):
+def _tar_members(res) -> dict[str, bytes]:
     import tarfile
-    res = stores["inette_raw"]
-    ds = ImageFolder(str(imagenette_subset))
     members = {}
     for sh in res.manifest["stores"]["dali"]["shards"]:
         with tarfile.open(res.out_dir / sh["tar"]) as tf:
             for m in tf:
                 assert (m.mtime, m.uid, m.gid, m.mode) == (0, 0, 0, 0o644)
                 members[m.name] = tf.extractfile(m).read()
+    return members
+
+
+def test_passthrough_source_bytes_untouched(stores, imagenette_subset, cifar_subset):
+    # CIFAR: plain 8-bit RGB PNGs go into the shards as they are.
+    members = _tar_members(stores["cifar_raw_w1"])
+    ds = ImageFolder(str(cifar_subset))
+    for i, (path, _) in enumerate(ds.samples):
+        assert members[f"{i:08d}.png"] == Path(path).read_bytes()
+    assert len(members) == 4 * len(ds)  # image, cls, index, sha256
+    res = stores["inette_raw"]
+    ds = ImageFolder(str(imagenette_subset))
+    members = _tar_members(res)
     n_jpg = 0
     for i, (path, _) in enumerate(ds.samples):
         data = Path(path).read_bytes()
