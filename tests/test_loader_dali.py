@@ -146,6 +146,8 @@ def test_views_match_torchvision(kind, jpeg_store, png_store, imagenette_subset,
     cfg = cfg_for(store, teacher_resolution=48, seed=3)
     with create_loader(cfg) as loader:
         assert isinstance(loader, DALILoader)
+        # one stored size: pixel boxes computed in Python (the other path: variable sizes)
+        assert loader._source.image_size == ((224, 224) if kind == "jpeg" else (32, 32))
         got = run_epoch(loader, epoch=1, max_batches=3)
     assert got["sizes"] == [16, 16, 16]
     assert 0 < int(got["flips"].sum()) < 48
@@ -156,6 +158,7 @@ def test_variable_image_sizes(varsize):
     src, store = varsize
     cfg = cfg_for(store, batch_size=5, teacher_resolution=40, seed=1, shuffle=False)
     with create_loader(cfg) as loader:
+        assert loader._source.image_size is None  # pixel boxes from each header, in the graph
         got = run_epoch(loader, epoch=4)
     assert got["sizes"] == [5, 5, 2]
     check_against_oracle(store, ImageFolder(str(src)), got, cfg, view_id=5)
