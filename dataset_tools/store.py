@@ -13,23 +13,37 @@ Written by ``dataset_tools/convert.py``; read by every backend in
 Webdataset sample keys are the zero-padded sample index (``%08d``); members
 are ``KEY.jpg`` or ``KEY.png`` (image), ``KEY.cls`` (label, ASCII int),
 ``KEY.index`` (sample index, ASCII int) and ``KEY.sha256`` (hex digest of the
-source file's bytes, for ``verify`` to recompute the fingerprint).
+source file's bytes, for ``verify`` to recompute the fingerprint). The image
+member is the source file itself when it is a baseline RGB JPEG or a plain
+8-bit RGB PNG within ``max_resolution``; otherwise it is re-encoded: JPEG
+(``jpeg_quality``) for records FFCV stores as JPEG, else lossless PNG.
 
 Manifest (``format_version`` 1), the keys every reader may rely on::
 
     format_version, tool {name, version}, split, source {kind, path, description},
     num_samples, num_classes, classes {name: index}, class_counts [count per index],
-    mean [r, g, b], std [r, g, b]   (0..1 scale, over the stored full-res pixels),
+    mean [r, g, b], std [r, g, b]   (0..1 scale, over the stored full-res pixels,
+                                     before any JPEG compression),
     image_size {min_h, max_h, min_w, max_w, mean_h, mean_w},
-    fingerprint "sha256:<hex>"   (over source bytes and labels, in sample order),
+    fingerprint "sha256:<hex>"   (over source bytes and labels, in sample order:
+                                  sha256 of, per sample, the 32-byte sha256 of the
+                                  source file then the label as int64 little-endian),
     options {write_mode, max_resolution, jpeg_quality, student_resolution,
-             min_crop_scale, max_aspect_ratio, ...},
-    stores {
+             min_crop_scale, max_aspect_ratio, compress_probability, lowres_side,
+             formats, samples_per_shard, max_pixels, source_kind, hdf5_images,
+             hdf5_labels, cifar_split, on_error},
+    stores {                         (each present only when written)
       ffcv:        {path, num_samples, sha256, pixel_sha256},
       ffcv_lowres: {path, num_samples, sha256, resolution, pixel_sha256}   (optional),
       dali:        {image_ext, shards: [{tar, index, num_samples, sha256}]},
     },
     skipped [{file, reason}]
+
+``sha256``: of the whole file. ``pixel_sha256``: sha256 over, per sample, the
+sha256 of (height, width as uint32 LE, then the H x W x 3 uint8 pixels FFCV's
+decoder returns). ``resolution``: the low-res shorter side S (images already
+smaller keep their size). ``image_ext``: DALI ``ext`` for the image output,
+``"jpg"``, ``"png"`` or ``"jpg;png"`` when both occur.
 
 No timestamps: a rerun produces byte-identical files.
 """
