@@ -12,6 +12,7 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CQKD_DATA   ?= $(abspath ../shared/datasets)
 STORES      ?= stores
 PYTEST_ARGS ?=
+DEMO_ARGS   ?=
 
 export CQKD_DATA
 
@@ -34,10 +35,10 @@ $(STAMP): setup.cfg pyproject.toml $(VENV)/.apt
 	$(PY) -m pip install -q -e ".[test]"
 	@touch $@
 
+# The main job: convert -> teacher -> calibrate -> cache -> students -> report
+# (CPU scale; `make demo DEMO_ARGS=--full` runs the real-scale recipe on a GPU).
 demo: $(STAMP)
-	$(PY) dataset_tools/convert.py $(CQKD_DATA)/cifar100/train $(STORES)/cifar100/train --split-name train --write-mode raw --student-resolution 16
-	$(PY) dataset_tools/convert.py $(CQKD_DATA)/cifar100/test $(STORES)/cifar100/test --split-name test --write-mode raw --student-resolution 16
-	$(PY) dataset_tools/convert.py verify $(STORES)/cifar100/train
+	$(PY) -m benchmarks.demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

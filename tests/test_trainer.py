@@ -118,7 +118,7 @@ def test_cached_and_online_targets_agree_without_mixing(teacher_run, tmp_path):
 
 def test_stale_cache_and_incompatible_checkpoints_are_clear_errors(teacher_run, tmp_path):
     cfg, *_ = teacher_run
-    other_views = replace(cfg, run=replace(cfg.run, seed=1))  # different view contract
+    other_views = replace(cfg, data=replace(cfg.data, view_seed=1))  # different view contract
     with pytest.raises(CacheError, match="not found|stale"):
         Trainer(other_views, "student")
     wrong_arch = replace(cfg, model=replace(cfg.model, teacher="resnet20"),

@@ -84,10 +84,27 @@ def load_teacher(cfg: Config, num_classes: int, device) -> tuple[torch.nn.Module
 
 
 def cache_key(cfg: Config, teacher_hash: str, fingerprint: str) -> CacheKey:
-    views = LoaderConfig(seed=cfg.run.seed, num_views=cfg.data.num_views, scale=cfg.data.scale,
+    views = LoaderConfig(seed=cfg.data.view_seed, num_views=cfg.data.num_views, scale=cfg.data.scale,
                          ratio=cfg.data.ratio, flip=cfg.data.flip).view_config()
     return CacheKey(teacher_hash=teacher_hash, data_fingerprint=fingerprint, views=views.to_dict(),
                     teacher_resolution=cfg.data.teacher_resolution)
+
+
+def loader_config(cfg: Config, role: str, train: bool, device) -> LoaderConfig:
+    """The loader a job needs: the teacher trains on full-resolution views;
+    the student on low-resolution ones, plus the full-resolution teacher view
+    of the same crop when the teacher runs online."""
+    d, teacher_role = cfg.data, role == "teacher"
+    online = role == "student" and cfg.distill.targets == "online"
+    return LoaderConfig(
+        backend=d.backend, store=d.train_store if train else d.val_store,
+        lowres=d.lowres and not teacher_role and not online,
+        batch_size=d.batch_size if train else d.eval_batch_size, num_workers=d.num_workers,
+        shuffle=train, seed=d.view_seed, drop_last=train,
+        student_resolution=d.teacher_resolution if teacher_role else d.student_size,
+        teacher_resolution=d.teacher_resolution if (train and online) else 0, train=train,
+        num_views=d.num_views, scale=d.scale, ratio=d.ratio, flip=d.flip,
+        channels_last=d.channels_last, device=str(device))
 
 
 class Trainer:
@@ -127,6 +144,8 @@ class Trainer:
         self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                          weight_decay=o.weight_decay)
         self.steps_per_epoch = max(1, len(self.train_loader))
+        self.epochs = cfg.optim.teacher_epochs if role == "teacher" and cfg.optim.teacher_epochs \
+            else cfg.optim.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.mixer = Mixer(cfg.mix, cfg.run.seed) if role == "student" and cfg.mix.enabled else None
         self.amp = amp_dtype(cfg, self.device)
@@ -148,17 +167,7 @@ class Trainer:
         return torch.channels_last if self.cfg.data.channels_last else torch.contiguous_format
 
     def create_loader(self, train: bool):
-        d, teacher_role = self.cfg.data, self.role == "teacher"
-        online = self.role == "student" and self.cfg.distill.targets == "online"
-        res = d.teacher_resolution if teacher_role else d.student_size
-        lc = LoaderConfig(
-            backend=d.backend, store=d.train_store if train else d.val_store,
-            lowres=d.lowres and not teacher_role and not online,
-            batch_size=d.batch_size if train else d.eval_batch_size, num_workers=d.num_workers,
-            shuffle=train, seed=self.cfg.run.seed, drop_last=train, student_resolution=res,
-            teacher_resolution=d.teacher_resolution if (train and online) else 0, train=train,
-            num_views=d.num_views, scale=d.scale, ratio=d.ratio, flip=d.flip,
-            channels_last=d.channels_last, device=str(self.device))
+        lc = loader_config(self.cfg, self.role, train, self.device)
         return create_loader(lc, world_size=None if train else 1, rank=None if train else 0)
 
     def _setup_teacher_targets(self):
@@ -179,7 +188,7 @@ class Trainer:
 
     def _lr_lambda(self, step: int) -> float:
         o = self.cfg.optim
-        total = max(1, o.epochs * self.steps_per_epoch)
+        total = max(1, self.epochs * self.steps_per_epoch)
         warm = o.warmup_epochs * self.steps_per_epoch
         if step < warm:
             return (step + 1) / warm
@@ -330,7 +339,7 @@ class Trainer:
 
     def fit(self) -> dict:
         last = {}
-        while self.epoch < self.cfg.optim.epochs:
+        while self.epoch < self.epochs:
             t0 = time.perf_counter()
             train = self.train_loop()
             stopped = bool(self.cfg.run.max_steps and self.global_step >= self.cfg.run.max_steps)

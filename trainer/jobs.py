@@ -33,7 +33,7 @@ def _eval_loader(cfg: Config, store: str, resolution: int, device, **kw):
     d = cfg.data
     lc = LoaderConfig(backend=d.backend, store=store, batch_size=d.eval_batch_size,
                       num_workers=d.num_workers, shuffle=False, drop_last=False,
-                      student_resolution=resolution, train=False, seed=cfg.run.seed,
+                      student_resolution=resolution, train=False, seed=cfg.data.view_seed,
                       channels_last=d.channels_last, device=str(device), **kw)
     return create_loader(lc, rank=0, world_size=1)
 
@@ -101,7 +101,7 @@ def run_cache(cfg: Config) -> dict:
         lc = LoaderConfig(backend=d.backend, store=d.train_store, batch_size=d.eval_batch_size,
                           num_workers=d.num_workers, shuffle=False, drop_last=False,
                           student_resolution=d.teacher_resolution, train=True, fixed_view=v,
-                          seed=cfg.run.seed, num_views=d.num_views, scale=d.scale, ratio=d.ratio,
+                          seed=cfg.data.view_seed, num_views=d.num_views, scale=d.scale, ratio=d.ratio,
                           flip=d.flip, channels_last=d.channels_last, device=str(device))
         with create_loader(lc, rank=0, world_size=1) as loader:
             for batch in loader:

@@ -48,6 +48,8 @@ class DataSection:
     ratio: tuple[float, float] = (0.75, 1.3333333333333333)
     flip: bool = True
     num_views: int = 4  # K replayable views (cache rows per sample); 0 = fresh crops
+    view_seed: int = 0  # seeds the view contract and the epoch order; run.seed seeds
+    # model init and mixing, so student seeds can share one teacher-logit cache
     channels_last: bool = False
 
     @property
@@ -67,6 +69,7 @@ class ModelSection:
 @dataclass
 class OptimSection:
     epochs: int = 240
+    teacher_epochs: int = 0  # epochs of the teacher job (0: same as epochs)
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = True
