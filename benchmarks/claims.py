@@ -42,6 +42,12 @@ CLAIM2 = {
     "supervised_lowres": dict(distill=dict(targets="none"), loss=dict(ce=1.0, kd=0.0)),
     **{f"kd_T{t}": dict(loss=dict(ce=0.1, kd=0.9, temperature=float(t))) for t in (1, 2, 4, 8)},
 }
+# cached targets (mix the cached probabilities: approximate, no teacher in the loop)
+# vs online targets (the teacher runs on the mixed full-resolution view: exact)
+TARGETS = {
+    "kd_cutmix_cached": {**KD, "mix": dict(p_cutmix=1.0)},
+    "kd_cutmix_online": {**KD, "mix": dict(p_cutmix=1.0), "distill": dict(targets="online")},
+}
 METRICS = ("top1", "ece", "nll", "brier", "train_images_per_sec")
 
 
@@ -73,7 +79,7 @@ def markdown(summary: dict, teacher: dict, calib: dict, title: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(REPO / "configs" / "demo_cpu.yaml"))
-    p.add_argument("--claims", default="1,2", help="which claims: 1, 2 or 1,2")
+    p.add_argument("--claims", default="1,2,targets", help="which grids: 1, 2, targets")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--only", default="", help="comma-separated student names (default: all)")
     p.add_argument("--classes", type=int, default=20)
@@ -90,7 +96,8 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     only = set(filter(None, args.only.split(",")))
     grids = {"1": ("Claim 1: mixing fused with distillation", CLAIM1),
-             "2": ("Claim 2: cross-quality distillation and the teacher temperature", CLAIM2)}
+             "2": ("Claim 2: cross-quality distillation and the teacher temperature", CLAIM2),
+             "targets": ("Cached vs online teacher targets (KD + CutMix)", TARGETS)}
     report, everything = [], {}
     t0 = time.perf_counter()
     for claim in args.claims.split(","):

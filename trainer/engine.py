@@ -78,7 +78,7 @@ def load_teacher(cfg: Config, num_classes: int, device) -> tuple[torch.nn.Module
     if ckpt.get("num_classes") != num_classes:
         raise ValueError(f"{cfg.teacher_checkpoint}: teacher has {ckpt.get('num_classes')} classes, "
                          f"the store has {num_classes}; wrong dataset?")
-    model = create_model(cfg.model.teacher, num_classes, low_res_stem=cfg.model.low_res_stem)
+    model = create_model(cfg.model.teacher, num_classes, low_res_stem=cfg.model.teacher_low_res_stem)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["weights_hash"]
 
@@ -123,7 +123,9 @@ class Trainer:
                              f"{cfg.data.train_store} has {self.num_classes}")
         arch = cfg.model.teacher if role == "teacher" else cfg.model.student
         self.arch = arch
-        model = create_model(arch, self.num_classes, low_res_stem=cfg.model.low_res_stem)
+        self.low_res_stem = cfg.model.teacher_low_res_stem if role == "teacher" \
+            else cfg.model.student_low_res_stem
+        model = create_model(arch, self.num_classes, low_res_stem=self.low_res_stem)
         self.model = model.to(self.device, memory_format=self._memory_format())
         self.teacher, self.cache, self.temperature = None, None, cfg.loss.temperature
         teacher_dim = None
@@ -290,6 +292,7 @@ class Trainer:
         model = unwrap(self.model)
         sd = model.state_dict()
         return {"arch": self.arch, "num_classes": self.num_classes, "role": self.role,
+                "low_res_stem": self.low_res_stem,
                 "model": sd, "weights_hash": weights_hash(sd),
                 "criterion": self.criterion.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),

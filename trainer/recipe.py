@@ -63,7 +63,10 @@ class DataSection:
 class ModelSection:
     teacher: str = "resnet32x4"
     student: str = "resnet8x4"
-    low_res_stem: bool = True  # for torchvision ImageNet models at low resolution
+    # torchvision ImageNet models only (CIFAR models are low-resolution by design):
+    # a 3x3 stride-1 stem without max-pool, for inputs of a few dozen pixels
+    teacher_low_res_stem: bool = False
+    student_low_res_stem: bool = True
 
 
 @dataclass
