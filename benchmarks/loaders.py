@@ -4,8 +4,8 @@
 
 DIR is a converted store (an OUT_DIR of dataset_tools/convert.py) or an
 ImageFolder (``DIR/<class>/<image>``, or ``DIR/<split>/<class>/<image>``), which
-is converted once into a cache folder (with ``--student-resolution`` so the
-low-res store exists). Every variant produces the same thing: a train epoch of
+is converted once into a cache folder (``--write-mode jpg`` by default, so FFCV
+decodes JPEGs too, and ``--student-resolution`` so the low-res store exists). Every variant produces the same thing: a train epoch of
 ``resolution``-pixel random-resized crops + flips (fresh views each epoch),
 normalized float batches on the training device.
 
@@ -18,6 +18,7 @@ compilation, worker start-up, page cache), median of ``--repeats`` epochs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -32,7 +33,8 @@ from benchmarks.common import PeakRSS, machine_info, summarize
 VARIANTS = {
     "reference": ("reference", {"reduced_decode": False}, "jpeg"),
     "reference_draft": ("reference", {"reduced_decode": True}, "jpeg"),
-    "ffcv": ("ffcv", {}, "jpeg"),
+    "ffcv": ("ffcv", {"reduced_decode": True}, "jpeg"),
+    "ffcv_exact": ("ffcv", {"reduced_decode": False}, "jpeg"),
     "ffcv_lowres": ("ffcv", {"lowres": True}, "lowres"),
     "dali": ("dali", {}, "jpeg"),
 }
@@ -45,7 +47,8 @@ def _is_image_folder(d: Path) -> bool:
                                  for f in classes[0].iterdir())
 
 
-def resolve_store(data: Path, split: str, resolution: int, cache_dir: Path, workers: int) -> Path:
+def resolve_store(data: Path, split: str, resolution: int, cache_dir: Path, workers: int,
+                  write_mode: str = "jpg") -> Path:
     """A store directory for ``data``, converting an ImageFolder first if needed."""
     if (data / "manifest.json").is_file():
         return data
@@ -53,16 +56,29 @@ def resolve_store(data: Path, split: str, resolution: int, cache_dir: Path, work
     if not _is_image_folder(src):
         raise SystemExit(f"{data}: neither a converted store (no manifest.json) nor an ImageFolder "
                          f"(DIR/<class>/<image> or DIR/{split}/<class>/<image>)")
-    key = hashlib.sha256(f"{src.resolve()}|{resolution}".encode()).hexdigest()[:12]
-    out = cache_dir / f"{src.parent.name}_{src.name}_r{resolution}_{key}"
+    key = hashlib.sha256(f"{src.resolve()}|{resolution}|{write_mode}".encode()).hexdigest()[:12]
+    out = cache_dir / f"{src.parent.name}_{src.name}_{write_mode}_r{resolution}_{key}"
     if not (out / "manifest.json").is_file():
         from dataset_tools.convert import main as convert  # lazy: only when converting
         print(f"converting {src} -> {out}", file=sys.stderr)
-        rc = convert([str(src), str(out), "--formats", "ffcv,dali", "--split-name", split,
-                      "--student-resolution", str(resolution), "--workers", str(workers)])
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is for the report
+            rc = convert([str(src), str(out), "--formats", "ffcv,dali", "--split-name", split,
+                          "--write-mode", write_mode, "--student-resolution", str(resolution),
+                          "--workers", str(workers)])
         if rc not in (None, 0):
             raise SystemExit(f"conversion of {src} failed (exit {rc})")
     return out
+
+
+def describe_source(manifest: dict, backend: str, lowres: bool) -> str:
+    """What a variant decodes: the FFCV file's storage, or the shards' images."""
+    if lowres:
+        return "lowres"
+    if backend == "ffcv":
+        mode = manifest["options"]["write_mode"]
+    else:  # reference and dali read the webdataset shards (source JPEGs kept as they are)
+        mode = manifest["stores"]["dali"]["image_ext"]
+    return mode.replace("jpg", "jpeg")
 
 
 def run_variant(name: str, store: str, resolution: int, batch_size: int, workers: int,
@@ -92,8 +108,7 @@ def run_variant(name: str, store: str, resolution: int, batch_size: int, workers
                     images = n
         finally:
             loader.close()
-    mode = loader.store.manifest.get("options", {}).get("write_mode", "jpg")
-    source = "lowres" if cfg.lowres else {"jpg": "jpeg"}.get(mode, mode)
+    source = describe_source(loader.store.manifest, backend, cfg.lowres)
     if images == 0:
         raise RuntimeError(f"{name}: an epoch yielded no images (batch size > dataset?)")
     ips = summarize([images / s for s in seconds])
@@ -123,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, required=True, help="converted store or ImageFolder")
     ap.add_argument("--split", default="train", help="split folder/name when converting")
     ap.add_argument("--resolution", type=int, default=32)
+    ap.add_argument("--write-mode", choices=("jpg", "raw"), default="jpg",
+                    help="FFCV image storage when converting an ImageFolder (default jpg)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                     help="loader workers/threads (default: usable cores)")
@@ -143,9 +160,10 @@ def main(argv=None) -> int:
         print(json.dumps(res))
         return 0
 
-    store = resolve_store(args.data, args.split, args.resolution, args.cache_dir, args.workers)
+    store = resolve_store(args.data, args.split, args.resolution, args.cache_dir, args.workers,
+                          args.write_mode)
     names = sorted(set(args.backends) | {"reference"}, key=list(VARIANTS).index)  # ratio needs it
-    results = {}
+    results, load_before = {}, os.getloadavg()[0]
     for name in names:
         print(f"measuring {name} ...", file=sys.stderr)
         results[name] = measure_in_subprocess(name, args, store)
@@ -153,7 +171,9 @@ def main(argv=None) -> int:
     for r in results.values():
         if "images_per_sec" in r:
             r["ratio_to_reference"] = r["images_per_sec"] / ref if ref else None
-    report = {"results": results, "machine": machine_info(),
+    machine = {**machine_info(), "load_avg_1m_before": load_before,
+               "load_avg_1m_after": os.getloadavg()[0]}  # other work on the machine skews numbers
+    report = {"results": results, "machine": machine,
               "settings": {"store": str(store), "resolution": args.resolution,
                            "batch_size": args.batch_size, "workers": args.workers,
                            "warmup_epochs": args.warmup, "timed_epochs": args.repeats}}

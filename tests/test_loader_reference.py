@@ -347,3 +347,17 @@ def test_workers_stop_on_break_and_close(sources):
     assert not _wait_gone(before)
     assert sum(len(b) for b in loader) == 200  # still usable after close
     assert not _wait_gone(before)
+
+
+def test_close_releases_shard_files(sources):
+    store, _ = sources["png"]
+
+    def open_tars():
+        return [f.path for f in psutil.Process().open_files() if f.path.endswith(".tar")]
+
+    before = open_tars()
+    loader = create_loader(cfg_for(store, num_workers=0))
+    next(iter(loader))
+    assert len(open_tars()) == len(before) + 1
+    loader.close()
+    assert open_tars() == before
