@@ -16,8 +16,18 @@ def main(argv=None) -> int:
     p.add_argument("job", choices=JOBS)
     p.add_argument("--config", help="YAML recipe (see configs/)")
     p.add_argument("--checkpoint", default="", help="evaluate: checkpoint to evaluate")
+    p.add_argument("--corruptions", action="store_true",
+                   help="evaluate: under the 15 CIFAR-C corruptions x 5 severities instead")
+    p.add_argument("--corruption-types", default="", help="evaluate --corruptions: comma-separated "
+                   "subset of types (default: all 15)")
+    p.add_argument("--severities", default="", help="evaluate --corruptions: e.g. 1,3,5 (default: 1-5)")
+    p.add_argument("--corruption-limit", type=int, default=0, help="evaluate --corruptions: a "
+                   "class-balanced subset of N val images (default 0: all)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=0.1")
     args = p.parse_intermixed_args(argv)
+    if not (args.job == "evaluate" and args.corruptions) and (
+            args.corruption_types or args.severities or args.corruption_limit):
+        p.error("--corruption-types/--severities/--corruption-limit need 'evaluate --corruptions'")
 
     from trainer import jobs
     from trainer.recipe import Config
@@ -27,7 +37,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        if args.job == "evaluate":
+        if args.job == "evaluate" and args.corruptions:
+            from trainer.corruptions import format_table, parse_selection
+            types, sevs = parse_selection(args.corruption_types, args.severities)
+            result = jobs.run_evaluate_corruptions(cfg, args.checkpoint, sevs, types,
+                                                   limit=args.corruption_limit)
+            print(format_table(result))
+            result = {k: result[k] for k in ("json", "num_images", "clean", "mean")}
+        elif args.job == "evaluate":
             result = jobs.run_evaluate(cfg, args.checkpoint)
         else:
             result = getattr(jobs, f"run_{args.job}")(cfg)

@@ -368,6 +368,17 @@ def check_names(types: Sequence[str], severities: Sequence[int]) -> None:
         raise ValueError(f"severities must be in 1..5, got {bad}")
 
 
+def parse_selection(types: str, severities: str) -> tuple[list[str], list[int]]:
+    """CLI lists ``"fog,snow"`` / ``"1,3,5"`` (empty: all), checked."""
+    names = [t.strip() for t in types.split(",") if t.strip()] or list(CORRUPTIONS)
+    try:
+        sevs = [int(v) for v in severities.split(",") if v.strip()] or list(SEVERITIES)
+    except ValueError:
+        raise ValueError(f"--severities: expected integers like 1,3,5, got {severities!r}") from None
+    check_names(names, sevs)
+    return names, sevs
+
+
 def corrupt_batch(images: np.ndarray, name: str, severity: int, indices: Sequence[int],
                   seed: int = 0) -> np.ndarray:
     """Corrupt uint8 ``[N, H, W, 3]`` images; sample ``k`` is seeded by

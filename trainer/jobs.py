@@ -153,3 +153,48 @@ def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
               **metrics, "reliability_diagram": str(png)}
     write_json(path.with_name(path.stem + "_eval.json"), result)
     return result
+
+def run_evaluate_corruptions(cfg: Config, checkpoint: str = "", severities=None, types=None,
+                             limit: int = 0) -> dict:
+    """Accuracy, ECE and NLL of a checkpoint on the val split under the 15
+    CIFAR-C corruptions x 5 severities (see trainer/corruptions.py for the
+    pipeline); ``limit > 0``: a class-balanced subset of that many images.
+    Writes ``<checkpoint stem>_corruptions.json`` beside the checkpoint."""
+    from dataset_tools.store import open_store
+    from trainer import corruptions as C
+
+    types = list(types or C.CORRUPTIONS)
+    severities = [int(s) for s in (severities or C.SEVERITIES)]
+    C.check_names(types, severities)
+    if limit < 0:
+        raise ValueError(f"--corruption-limit must be >= 0 (0 = every image), got {limit}")
+    device = setup_distributed(cfg)
+    path = Path(checkpoint) if checkpoint else cfg.student_dir / "final.pt"
+    ck = load_checkpoint(path)
+    for k in ("arch", "num_classes", "model", "student_resolution"):
+        if k not in ck:
+            raise ValueError(f"{path}: not a checkpoint of this trainer (missing {k!r})")
+    store = open_store(cfg.data.val_store)
+    if store.num_classes != ck["num_classes"]:
+        raise ValueError(f"{path}: model has {ck['num_classes']} classes, {cfg.data.val_store} has "
+                         f"{store.num_classes}")
+    native = C.native_size(store.manifest)
+    t0 = time.perf_counter()
+    with _eval_loader(cfg, cfg.data.val_store, native, torch.device("cpu")) as loader:
+        images, labels, indices = C.read_native_images(loader, limit)
+    model = create_model(ck["arch"], ck["num_classes"], low_res_stem=ck.get("low_res_stem", True))
+    model.load_state_dict(ck["model"])
+    metrics = C.evaluate_corruptions(
+        model.to(device), images, labels, indices, resolution=ck["student_resolution"],
+        mean=store.mean, std=store.std, device=device, autocast=_autocast_for(cfg, device),
+        types=types, severities=severities, batch_size=cfg.data.eval_batch_size, seed=cfg.run.seed,
+        channels_last=cfg.data.channels_last, workers=cfg.data.num_workers, progress=cfg.run.progress)
+    out = path.with_name(path.stem + "_corruptions.json")
+    result = {"checkpoint": str(path), "arch": ck["arch"], "resolution": ck["student_resolution"],
+              "store": cfg.data.val_store, "native_resolution": native, "num_images": len(labels),
+              "limit": limit, "seed": cfg.run.seed,
+              "parameters": "CIFAR-10/100-C (Hendrycks & Dietterich 2019, make_cifar_c.py)",
+              "substitutions": C.SUBSTITUTIONS, **metrics, "seconds": time.perf_counter() - t0,
+              "json": str(out)}
+    write_json(out, result)
+    return result
