@@ -268,7 +268,7 @@ def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOpt
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="convert.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", type=Path, help="source dataset (folder, tar, CIFAR pickles, HDF5)")
     p.add_argument("out_dir", type=Path, help="output store directory (one split)")
     p.add_argument("--formats", default="ffcv,dali", help="comma list of ffcv,dali (default: both)")

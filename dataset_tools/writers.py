@@ -60,6 +60,13 @@ class _PreparedImageEncoder:
         storage[:] = rec.payload
 
 
+class _LocalBuffer:
+    """Stands in for the SharedMemory that DatasetWriter.finalize reads ``.buf`` from."""
+
+    def __init__(self, size: int):
+        self.buf = memoryview(bytearray(size))
+
+
 def page_size_for(max_resolution: int | None) -> int:
     """FFCV stores each record inside one page: make pages big enough for a
     raw image at ``max_resolution`` (power of two, at least FFCV's default)."""
@@ -85,6 +92,13 @@ class BetonWriter:
         self._writer = DatasetWriter(str(self.path), fields, page_size=page_size, num_workers=1)
         self._writer.num_samples = capacity
         self._writer.prepare()  # header placeholder, field descriptors, metadata buffer
+        # prepare() puts the metadata in POSIX shared memory for its worker
+        # processes; we write in-process, so swap it for plain memory, which
+        # cannot leak in /dev/shm when a run is killed.
+        shm = self._writer.metadata_sm
+        shm.close()
+        shm.unlink()
+        self._writer.metadata_sm = _LocalBuffer(capacity * self._writer.metadata_type.itemsize)
         self._metadata = np.frombuffer(self._writer.metadata_sm.buf,
                                        dtype=self._writer.metadata_type)
         self._names = self._writer.metadata_type.names
@@ -121,11 +135,8 @@ class BetonWriter:
             self._free()
 
     def _free(self) -> None:
-        if self._metadata is None:
-            return
-        self._metadata = None  # drop the buffer export before closing the segment
-        self._writer.metadata_sm.close()
-        self._writer.metadata_sm.unlink()
+        self._metadata = None
+        self._writer.metadata_sm = None
 
 
 def _tar_member(name: str, size: int) -> tarfile.TarInfo:

@@ -17,6 +17,7 @@ from dataset_tools.atomic import LOCK_NAME, Staging
 from dataset_tools.convert import ConvertOptions, convert, main
 from dataset_tools.records import DELAY_ENV
 from dataset_tools.store import open_store
+from dataset_tools.verify import verify_store
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "dataset_tools" / "convert.py"
@@ -104,6 +105,7 @@ def test_bad_file_fail_writes_nothing_skip_lists_it(cifar_subset, tmp_path, caps
     assert m["num_samples"] == 200
     assert [s["file"] for s in m["skipped"]] == [str(bad)]
     assert "truncated" in m["skipped"][0]["reason"]
+    verify_store(out)  # the .beton sized for 201 samples holds 200 and reads back fine
 
 
 _HOLDER = textwrap.dedent("""

@@ -259,3 +259,29 @@ def test_verify_passes_then_catches_corruption(stores, tmp_path, capsys):
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(VerifyError, match="class counts"):
         verify_store(bad)
+
+
+def test_channel_sums_exact_on_both_paths():
+    from dataset_tools.manifest import channel_sums
+
+    # small image (OpenCV histogram path) against numpy's int64 sums
+    rgb = np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    px = rgb.reshape(-1, 3).astype(np.int64)
+    assert channel_sums(rgb) == (px.sum(0).tolist(), (px * px).sum(0).tolist())
+    # > 2**24 pixels (numpy bincount path; float32 counts would round here),
+    # hand-computed: every pixel (1, 2, 3) except one (255, 255, 255)
+    n = 4100 * 4100
+    big = np.empty((4100, 4100, 3), np.uint8)
+    big[...] = (1, 2, 3)
+    big[0, 0] = 255
+    assert channel_sums(big) == ([(n - 1) * v + 255 for v in (1, 2, 3)],
+                                 [(n - 1) * v * v + 255 ** 2 for v in (1, 2, 3)])
+
+
+def test_resize_shorter_side_and_no_upscale():
+    from dataset_tools.records import resize_shorter
+
+    rgb = np.zeros((30, 100, 3), np.uint8)
+    assert resize_shorter(rgb, 10).shape == (10, 33, 3)  # 100 * 10 / 30 = 33.3 -> 33
+    assert resize_shorter(rgb.transpose(1, 0, 2), 10).shape == (33, 10, 3)
+    assert resize_shorter(rgb, 30) is rgb and resize_shorter(rgb, 64) is rgb  # never upscaled
