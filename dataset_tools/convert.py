@@ -146,6 +146,87 @@ def _parallel_map(fn, items: list, workers: int, chunksize: int,
         pool.join()
 
 
+class _Outputs:
+    """The writers of one conversion, fed one prepared sample at a time."""
+
+    def __init__(self, root: Path, split: str, opts: ConvertOptions, capacity: int,
+                 low_side: Optional[int]):
+        from dataset_tools.writers import BetonWriter, ShardWriter, page_size_for
+        from ffcv.fields import RGBImageField
+
+        self.beton = self.lowres = self.shards = None
+        self.low_side = low_side
+        self.digest, self.low_digest = mf.PixelDigest(), mf.PixelDigest()
+        try:
+            if "ffcv" in opts.formats:
+                field = RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_resolution,
+                                      jpeg_quality=opts.jpeg_quality,
+                                      compress_probability=opts.compress_probability)
+                self.beton = BetonWriter(root / f"{split}.beton", field, capacity,
+                                         page_size_for(opts.max_resolution))
+            if low_side:
+                self.lowres = BetonWriter(root / f"{split}_lowres.beton",
+                                          RGBImageField(write_mode="raw"), capacity,
+                                          page_size_for(low_side * 2))
+            if "dali" in opts.formats:
+                self.shards = ShardWriter(root, f"{split}_wds", opts.samples_per_shard)
+        except BaseException:
+            self.abort()
+            raise
+
+    def add(self, idx: int, res) -> None:
+        from dataset_tools.writers import RAW_MODE, ImageRecord
+
+        if self.beton:
+            self.beton.add(res.ffcv, res.label, idx, res.name)
+            self.digest.update(res.ffcv_digest)
+        if self.lowres:
+            h, w = res.lowres.shape[:2]
+            self.lowres.add(ImageRecord(RAW_MODE, h, w, res.lowres.reshape(-1)), res.label, idx,
+                            res.name)
+            self.low_digest.update(res.lowres_digest)
+        if self.shards:
+            self.shards.add(idx, res.wds_ext, res.wds_bytes, res.label, res.sha256)
+
+    def close(self) -> dict:
+        """Finish every file -> the manifest's ``stores`` section."""
+        stores = {}
+        if self.beton:
+            self.beton.close()
+            stores["ffcv"] = {"path": self.beton.path.name, "num_samples": self.beton.count,
+                              "sha256": mf.file_sha256(self.beton.path),
+                              "pixel_sha256": self.digest.hexdigest()}
+        if self.lowres:
+            self.lowres.close()
+            stores["ffcv_lowres"] = {"path": self.lowres.path.name,
+                                     "num_samples": self.lowres.count,
+                                     "sha256": mf.file_sha256(self.lowres.path),
+                                     "resolution": self.low_side,
+                                     "pixel_sha256": self.low_digest.hexdigest()}
+        if self.shards:
+            stores["dali"] = {"image_ext": self.shards.image_ext, "shards": self.shards.close()}
+        return stores
+
+    def abort(self) -> None:
+        for w in (self.beton, self.lowres, self.shards):
+            if w is not None:
+                try:
+                    w.abort()
+                except Exception:  # already failing; the staging dir is deleted anyway
+                    pass
+
+
+def _check_paths(src: Path, out_dir: Path) -> None:
+    """The final swap deletes an existing OUT_DIR: only ever a previous store."""
+    s, o = src.resolve(), out_dir.resolve()
+    if o == s or o in s.parents or (s.is_dir() and s in o.parents):
+        raise ConvertError(f"{out_dir}: the output must be outside the source {src} (and not "
+                           f"contain it); choose another OUT_DIR")
+    if o.exists() and (not o.is_dir() or (any(o.iterdir()) and not (o / MANIFEST_NAME).is_file())):
+        raise ConvertError(f"{out_dir}: exists and is not a converted store (no {MANIFEST_NAME}), "
+                           f"so it will not be replaced; choose another OUT_DIR or delete it")
+
+
 def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOptions,
             progress: bool = True) -> ConvertResult:
     """Convert ``src`` into ``out_dir`` atomically. Raises ConvertError on bad
@@ -153,107 +234,56 @@ def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOpt
     from dataset_tools.records import (EncodeOptions, Rejected, lowres_side, prepare_sample,
                                        worker_init)
     from dataset_tools.sources import BadInput, SourceError, open_source
-    from dataset_tools.writers import (RAW_MODE, BetonWriter, ImageRecord, RecordTooLarge,
-                                       ShardWriter, page_size_for)
-    from ffcv.fields import RGBImageField
+    from dataset_tools.writers import RecordTooLarge
 
     src, out_dir = Path(src), Path(out_dir)
     split = opts.split_name or default_split_name(src)
     _check_options(opts, split)
-    want_ffcv, want_dali = "ffcv" in opts.formats, "dali" in opts.formats
+    _check_paths(src, out_dir)
     try:
         low_side = (lowres_side(opts.student_resolution, opts.min_crop_scale,
                                 opts.max_aspect_ratio) if opts.student_resolution else None)
-    except ValueError as e:
-        raise ConvertError(str(e)) from e
-    try:
         source = open_source(src, opts.source_kind, on_error=opts.on_error,
                              hdf5_images=opts.hdf5_images, hdf5_labels=opts.hdf5_labels,
                              split=opts.cifar_split)
-    except (BadInput, SourceError) as e:
+    except (ValueError, BadInput, SourceError) as e:
         raise ConvertError(str(e)) from e
 
     enc = EncodeOptions(write_mode=opts.write_mode, max_resolution=opts.max_resolution,
                         jpeg_quality=opts.jpeg_quality,
                         compress_probability=opts.compress_probability, lowres_side=low_side,
-                        max_pixels=opts.max_pixels, want_ffcv=want_ffcv, want_dali=want_dali)
-    n = len(source.items)
-    workers = max(1, opts.workers)
+                        max_pixels=opts.max_pixels, want_ffcv="ffcv" in opts.formats,
+                        want_dali="dali" in opts.formats)
+    n, workers = len(source.items), max(1, opts.workers)
     chunksize = max(1, min(16, n // (workers * 8)))  # bounds results in flight, see _parallel_map
     start = time.perf_counter()
     with source, Staging(out_dir) as staging, contextlib.ExitStack() as stack:
-        root = staging.path
-        beton = lowres = shards = None
+        outputs = _Outputs(staging.path, split, opts, n, low_side)
+        stats, fp = mf.DatasetStats(len(source.classes)), mf.Fingerprint()
+        skipped = list(source.skipped)
         try:
-            if want_ffcv:
-                field = RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_resolution,
-                                      jpeg_quality=opts.jpeg_quality,
-                                      compress_probability=opts.compress_probability)
-                beton = BetonWriter(root / f"{split}.beton", field, n,
-                                    page_size_for(opts.max_resolution))
-            if low_side:
-                lowres = BetonWriter(root / f"{split}_lowres.beton",
-                                     RGBImageField(write_mode="raw"), n, page_size_for(low_side * 2))
-            if want_dali:
-                shards = ShardWriter(root, f"{split}_wds", opts.samples_per_shard)
-            stats, fp = mf.DatasetStats(len(source.classes)), mf.Fingerprint()
-            digest, low_digest = mf.PixelDigest(), mf.PixelDigest()
-            skipped = list(source.skipped)
             results = stack.enter_context(contextlib.closing(_parallel_map(
                 functools.partial(prepare_sample, enc), source.items, workers, chunksize,
                 initializer=worker_init)))
-            bar = tqdm(results, total=n, unit="img", desc=f"convert {split}", disable=not progress,
-                       mininterval=0.5, file=sys.stderr)
-            for res in bar:
+            for res in tqdm(results, total=n, unit="img", desc=f"convert {split}",
+                            disable=not progress, mininterval=0.5, file=sys.stderr):
                 if isinstance(res, Rejected):
                     if opts.on_error == "fail":
                         raise ConvertError(f"{res.message}\n(nothing was written; fix or remove "
                                            f"the file, or pass --on-error skip to leave it out)")
                     skipped.append((res.file, res.reason))
                     continue
-                idx = stats.count
+                outputs.add(stats.count, res)
                 stats.update(res.label, res.height, res.width, res.sums, res.sumsq)
                 fp.update(res.sha256, res.label)
-                if beton:
-                    beton.add(res.ffcv, res.label, idx, res.name)
-                    digest.update(res.ffcv_digest)
-                if lowres:
-                    h, w = res.lowres.shape[:2]
-                    lowres.add(ImageRecord(RAW_MODE, h, w, res.lowres.reshape(-1)), res.label,
-                               idx, res.name)
-                    low_digest.update(res.lowres_digest)
-                if shards:
-                    shards.add(idx, res.wds_ext, res.wds_bytes, res.label, res.sha256)
-            bar.close()
             if stats.count == 0:
-                raise ConvertError(f"{src}: every file was bad (see the reasons above); "
-                                   f"nothing to convert")
-            stores = {}
-            if beton:
-                beton.close()
-                stores["ffcv"] = {"path": beton.path.name, "num_samples": beton.count,
-                                  "sha256": mf.file_sha256(beton.path),
-                                  "pixel_sha256": digest.hexdigest()}
-            if lowres:
-                lowres.close()
-                stores["ffcv_lowres"] = {"path": lowres.path.name, "num_samples": lowres.count,
-                                         "sha256": mf.file_sha256(lowres.path),
-                                         "resolution": low_side,
-                                         "pixel_sha256": low_digest.hexdigest()}
-            if shards:
-                stores["dali"] = {"image_ext": shards.image_ext, "shards": shards.close()}
-        except RecordTooLarge as e:
-            for w in (beton, lowres, shards):
-                if w is not None:
-                    w.abort()
-            raise ConvertError(str(e)) from e
-        except BaseException:
-            for w in (beton, lowres, shards):
-                if w is not None:
-                    try:
-                        w.abort()
-                    except Exception:
-                        pass
+                why = "; ".join(f"{f}: {r}" for f, r in skipped[:3])
+                raise ConvertError(f"{src}: every file was bad, nothing to convert ({why})")
+            stores = outputs.close()
+        except BaseException as e:
+            outputs.abort()
+            if isinstance(e, RecordTooLarge):
+                raise ConvertError(str(e)) from e
             raise
         manifest = mf.build_manifest(
             split=split,
@@ -261,7 +291,7 @@ def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOpt
             classes=source.classes, stats=stats, fingerprint=fp.hexdigest(),
             options={**opts.manifest_options(), "lowres_side": low_side},
             stores=stores, skipped=skipped)
-        write_text_atomic(root / MANIFEST_NAME, mf.dumps(manifest))  # last: marks completeness
+        write_text_atomic(staging.path / MANIFEST_NAME, mf.dumps(manifest))  # last: complete
         staging.commit()
     return ConvertResult(out_dir=out_dir, manifest=manifest, seconds=time.perf_counter() - start)
 

@@ -108,6 +108,22 @@ def test_bad_file_fail_writes_nothing_skip_lists_it(cifar_subset, tmp_path, caps
     verify_store(out)  # the .beton sized for 201 samples holds 200 and reads back fine
 
 
+def test_refuses_outputs_that_would_delete_data(cifar_subset, tmp_path):
+    from dataset_tools.convert import ConvertError
+
+    opts = ConvertOptions(workers=1, **OPTS)
+    for out in (cifar_subset, cifar_subset.parent, cifar_subset / "apple" / "store"):
+        with pytest.raises(ConvertError, match="outside the source"):
+            convert(cifar_subset, out, opts, progress=False)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("keep me")
+    with pytest.raises(ConvertError, match="not a converted store"):
+        convert(cifar_subset, precious, opts, progress=False)
+    assert (precious / "thesis.tex").read_text() == "keep me"
+    assert not (cifar_subset / "apple" / "store").exists()
+
+
 _HOLDER = textwrap.dedent("""
     import fcntl, os, sys, time
     fd = os.open(sys.argv[1], os.O_RDWR)
