@@ -141,7 +141,7 @@ def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
         if loader.store.num_classes != ck["num_classes"]:
             raise ValueError(f"{path}: model has {ck['num_classes']} classes, {cfg.data.val_store} has "
                              f"{loader.store.num_classes}")
-        model = create_model(ck["arch"], ck["num_classes"], low_res_stem=cfg.model.low_res_stem)
+        model = create_model(ck["arch"], ck["num_classes"], low_res_stem=ck.get("low_res_stem", True))
         model.load_state_dict(ck["model"])
         model = model.to(device)
         autocast = _autocast_for(cfg, device)
@@ -153,6 +153,7 @@ def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
               **metrics, "reliability_diagram": str(png)}
     write_json(path.with_name(path.stem + "_eval.json"), result)
     return result
+
 
 def run_evaluate_corruptions(cfg: Config, checkpoint: str = "", severities=None, types=None,
                              limit: int = 0) -> dict:
