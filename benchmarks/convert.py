@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         args.data = shared_datasets_dir()
     worker_counts = [int(w) for w in args.workers.split(",")]
 
-    results = {}
+    results, load_before = {}, os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="cqkd-bench-convert-") as tmp:
         scratch = Path(tmp)
         for name, (rel, opts) in DATASETS.items():
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
         "method": f"images/sec of convert() wall time, 1 warm-up run excluded, median of "
                   f"{args.repeats}; peak RSS includes worker processes",
         "machine": machine_info(),
-        "cpu_count_visible": len(os.sched_getaffinity(0)),
+        # other work on the machine slows every number down; this says how busy it was
+        "load_average_1m": {"start": round(load_before[0], 2), "end": round(os.getloadavg()[0], 2)},
         "results": results,
     }
     json.dump(report, sys.stdout, indent=2)

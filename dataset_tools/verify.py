@@ -81,11 +81,45 @@ def read_beton(path: Path, batch_size: int = 256) -> tuple[np.ndarray, np.ndarra
     return cat(labels), cat(indices), digest.hexdigest(), sizes
 
 
+def _tar_samples(tar_path: Path):
+    """Yield ``(key, {ext: bytes})`` per sample, streaming (members of one key
+    are consecutive); image members are only sized, not kept."""
+    key, parts = None, {}
+    with tarfile.open(tar_path, "r:") as tf:
+        for m in tf:
+            k, _, ext = m.name.partition(".")
+            if k != key and key is not None:
+                yield key, parts
+                parts = {}
+            key = k
+            if ext in ("jpg", "png"):
+                parts[ext] = m.size
+            else:
+                parts[ext] = tf.extractfile(m).read() if m.isfile() else b""
+    if key is not None:
+        yield key, parts
+
+
+def _check_index(tar_path: Path, idx_path: Path, problems: list[str]) -> None:
+    from dataset_tools.writers import make_index
+
+    if not idx_path.is_file():
+        problems.append(f"{idx_path}: DALI index missing")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp) / "fresh.idx"
+        try:
+            make_index(tar_path, fresh)
+        except Exception as e:  # wds2idx refuses a broken tar
+            problems.append(f"{idx_path}: wds2idx failed on {tar_path.name} ({e})")
+            return
+        if fresh.read_bytes() != idx_path.read_bytes():
+            problems.append(f"{idx_path}: differs from a fresh wds2idx run on {tar_path.name}")
+
+
 def read_shards(root: Path, shards: list[dict], image_ext: str, problems: list[str]
                 ) -> tuple[np.ndarray, str]:
     """Walk the tars in order -> (labels, recomputed fingerprint)."""
-    from dataset_tools.writers import make_index
-
     allowed = set(image_ext.split(";"))
     fp, labels, expect = mf.Fingerprint(), [], 0
     for sh in shards:
@@ -95,51 +129,33 @@ def read_shards(root: Path, shards: list[dict], image_ext: str, problems: list[s
             continue
         if mf.file_sha256(tar_path) != sh["sha256"]:
             problems.append(f"{tar_path}: sha256 differs from the manifest (file changed or corrupt)")
-        if not idx_path.is_file():
-            problems.append(f"{idx_path}: DALI index missing")
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                fresh = Path(tmp) / "fresh.idx"
-                try:
-                    make_index(tar_path, fresh)
-                    if fresh.read_bytes() != idx_path.read_bytes():
-                        problems.append(f"{idx_path}: differs from a fresh wds2idx run on {tar_path.name}")
-                except Exception as e:  # wds2idx refuses a broken tar
-                    problems.append(f"{idx_path}: wds2idx failed on {tar_path.name} ({e})")
-        samples: dict[str, dict[str, bytes]] = {}
-        order: list[str] = []
+        _check_index(tar_path, idx_path, problems)
+        count = 0
         try:
-            with tarfile.open(tar_path, "r:") as tf:
-                for m in tf:
-                    key, _, ext = m.name.partition(".")
-                    if key not in samples:
-                        samples[key], _ = {}, order.append(key)
-                    samples[key][ext] = tf.extractfile(m).read() if m.isfile() else b""
+            for key, parts in _tar_samples(tar_path):
+                where = f"{tar_path.name}:{key}"
+                if key != f"{expect:08d}":
+                    problems.append(f"{where}: expected key {expect:08d} (samples out of order "
+                                    f"or missing)")
+                img = [e for e in parts if e in ("jpg", "png")]
+                if len(img) != 1 or img[0] not in allowed or not parts[img[0]]:
+                    problems.append(f"{where}: image member missing or not one of .{image_ext}")
+                try:
+                    label, index = int(parts["cls"]), int(parts["index"])
+                    fp.update(parts["sha256"].decode(), label)
+                except (KeyError, ValueError) as e:
+                    problems.append(f"{where}: bad or missing .cls/.index/.sha256 member ({e})")
+                    label, index = -1, -1
+                if index != expect:
+                    problems.append(f"{where}: .index says {index}, expected {expect}")
+                labels.append(label)
+                expect += 1
+                count += 1
         except (tarfile.TarError, OSError) as e:
             problems.append(f"{tar_path}: unreadable tar ({e})")
             continue
-        if len(order) != sh["num_samples"]:
-            problems.append(f"{tar_path}: {len(order)} samples, manifest says {sh['num_samples']}")
-        for key in order:
-            parts = samples[key]
-            where = f"{tar_path.name}:{key}"
-            if key != f"{expect:08d}":
-                problems.append(f"{where}: expected key {expect:08d} (samples out of order or missing)")
-                expect = int(key) if key.isdigit() else expect
-            img = [e for e in parts if e in ("jpg", "png")]
-            if len(img) != 1 or img[0] not in allowed or not parts[img[0]]:
-                problems.append(f"{where}: image member missing or not one of .{image_ext}")
-            try:
-                label = int(parts["cls"])
-                index = int(parts["index"])
-                fp.update(parts["sha256"].decode(), label)
-            except (KeyError, ValueError) as e:
-                problems.append(f"{where}: bad or missing .cls/.index/.sha256 member ({e})")
-                label, index = -1, -1
-            if index != expect:
-                problems.append(f"{where}: .index says {index}, expected {expect}")
-            labels.append(label)
-            expect += 1
+        if count != sh["num_samples"]:
+            problems.append(f"{tar_path}: {count} samples, manifest says {sh['num_samples']}")
     return np.array(labels, np.int64), fp.hexdigest()
 
 
