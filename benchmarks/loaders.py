@@ -13,7 +13,8 @@ Each variant runs in a fresh subprocess, so its peak memory (process + worker
 processes, see :class:`benchmarks.common.PeakRSS`) is its own and a crash or
 a missing library is reported as ``"error"`` instead of dropping the variant.
 Throughput is images/sec over whole epochs, after ``--warmup`` epochs (JIT
-compilation, worker start-up, page cache), median of ``--repeats`` epochs.
+compilation, worker start-up, page cache): the median of ``--repeats`` epochs
+(times ``--rounds`` interleaved rounds).
 """
 from __future__ import annotations
 
@@ -133,6 +134,19 @@ def measure_in_subprocess(name: str, args, store: Path) -> dict:
     return json.loads(lines[-1])
 
 
+def combine_rounds(runs: list[dict]) -> dict:
+    """One variant's result over rounds: median of all timed epochs, worst peak
+    memory; the first error if any round failed."""
+    errors = [r for r in runs if "error" in r]
+    if errors:
+        return errors[0]
+    rates = [r["images_per_epoch"] / s for r in runs for s in r["epoch_seconds"]]
+    ips = summarize(rates)
+    return {**runs[0], "images_per_sec": ips["median"], "images_per_sec_spread": ips["spread"],
+            "epoch_seconds": [s for r in runs for s in r["epoch_seconds"]],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "rounds": len(runs)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True, help="converted store or ImageFolder")
@@ -145,6 +159,9 @@ def main(argv=None) -> int:
                     help="loader workers/threads (default: usable cores)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed epochs first")
     ap.add_argument("--repeats", "--epochs", type=int, default=3, help="timed epochs")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run all variants this many times, interleaved (a fresh process each "
+                         "time), so load from other work on a shared machine hits all alike")
     ap.add_argument("--backends", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                     metavar="VARIANT", help=f"variants to run (default: all of {list(VARIANTS)})")
     ap.add_argument("--cache-dir", type=Path,
@@ -163,10 +180,12 @@ def main(argv=None) -> int:
     store = resolve_store(args.data, args.split, args.resolution, args.cache_dir, args.workers,
                           args.write_mode)
     names = sorted(set(args.backends) | {"reference"}, key=list(VARIANTS).index)  # ratio needs it
-    results, load_before = {}, os.getloadavg()[0]
-    for name in names:
-        print(f"measuring {name} ...", file=sys.stderr)
-        results[name] = measure_in_subprocess(name, args, store)
+    runs, load_before = {name: [] for name in names}, os.getloadavg()[0]
+    for r in range(args.rounds):
+        for name in names:
+            print(f"round {r + 1}/{args.rounds}: measuring {name} ...", file=sys.stderr)
+            runs[name].append(measure_in_subprocess(name, args, store))
+    results = {name: combine_rounds(rs) for name, rs in runs.items()}
     ref = results["reference"].get("images_per_sec")
     for r in results.values():
         if "images_per_sec" in r:
@@ -176,7 +195,8 @@ def main(argv=None) -> int:
     report = {"results": results, "machine": machine,
               "settings": {"store": str(store), "resolution": args.resolution,
                            "batch_size": args.batch_size, "workers": args.workers,
-                           "warmup_epochs": args.warmup, "timed_epochs": args.repeats}}
+                           "warmup_epochs": args.warmup, "timed_epochs": args.repeats,
+                           "rounds": args.rounds}}
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -35,7 +35,8 @@ def _available(backend: str):
 
 # Plain names, checked inside the test: importing ffcv/dali at collection would
 # also run in every spawned rank (it imports this module) and costs ~10 s each.
-PARAMS = [pytest.param(b, marks=[] if b == "reference" else [pytest.mark.slow]) for b in BACKENDS]
+# Slow: each spawned rank imports torch (and ffcv/dali) from scratch.
+PARAMS = [pytest.param(b, marks=pytest.mark.slow) for b in BACKENDS]
 
 
 @pytest.fixture(scope="module")

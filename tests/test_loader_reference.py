@@ -6,6 +6,7 @@ indexing, labels, views and rounding are all checked end to end.
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import shutil
@@ -331,21 +332,25 @@ def _wait_gone(before, timeout=10.0):
     return _children() - before
 
 
-def test_workers_stop_on_break_and_close(sources):
+def test_workers_persist_across_epochs_and_stop_on_close(sources):
     store, _ = sources["png"]
+    with create_loader(cfg_for(store, batch_size=10)) as plain:  # in-process oracle
+        want = run_epoch(plain, 1)["indices"]
     before = _children()
     loader = create_loader(cfg_for(store, num_workers=2, batch_size=10))
-    for _ in loader:
-        assert len(_children() - before) == 2
+    for _ in loader:  # abandon epoch 0 after one batch
         break
-    assert not _wait_gone(before)
-    it = iter(loader)
-    next(it)
-    assert _children() - before
+    workers = _children() - before
+    assert len(workers) == 2
+    # The next epoch reuses the workers and yields none of epoch 0's prefetched batches.
+    assert torch.equal(run_epoch(loader, 1)["indices"], want)
+    assert _children() - before == workers
     loader.close()
     loader.close()  # twice is fine
     assert not _wait_gone(before)
-    assert sum(len(b) for b in loader) == 200  # still usable after close
+    assert torch.equal(run_epoch(loader, 1)["indices"], want)  # usable after close
+    del loader  # garbage collection stops the workers too
+    gc.collect()
     assert not _wait_gone(before)
 
 
