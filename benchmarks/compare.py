@@ -158,7 +158,8 @@ def main(base_path, new_path, threshold_text: str = "5%") -> int:
     print(RULE)
     print(f"threshold {100 * threshold:g}%; same machine: {'yes' if info['same_machine'] else 'no'} "
           f"(BASE {machine_key(base)}, NEW {machine_key(new)}); same settings: "
-          f"{'yes' if info['same_settings'] else 'no'}")
+          f"{'yes' if info['same_settings'] else 'no'} (quick, threads: BASE {settings_key(base)}, "
+          f"NEW {settings_key(new)})")
     missing = [r.figure for r in rows if r.status.startswith(("missing", "suite missing"))]
     if missing:
         print(f"missing in one file: {', '.join(missing)}")

@@ -81,7 +81,7 @@ class StepSettings:
 
 
 # --quick: the default pair at a batch size that keeps a 2-core CPU run to about a minute
-QUICK = dict(batch_size=32, warmup=1, steps=2, repeats=3, num_samples=5000)
+QUICK = dict(batch_size=32, warmup=1, steps=2, repeats=4, num_samples=5000)
 
 
 # ------------------------------------------------------------ synthetic inputs
@@ -321,7 +321,8 @@ def results(s: StepSettings, entries: list[Entry]) -> tuple[dict, dict]:
             "fraction_of_ideal": fraction,
             "teacher_forward_ms": out["teacher_forward"]["ms_per_step"]["median"],
             "student_step_ms": out["ce"]["ms_per_step"]["median"],
-            "met": fraction["median"] >= 0.8}
+            "met": fraction["median"] >= 0.8,  # the per-round fraction: robust to drift
+            "met_rule": "median over rounds of speedup / ideal >= 0.8"}
     else:
         targets["kd_cached_vs_online"] = {"met": None, "why": "needs modes ce, kd_cached, kd_online"}
     return out, targets
@@ -371,8 +372,9 @@ def print_table(report: dict, file=sys.stdout) -> None:
             print(f"target {name}: {t['ratio']['median']:.3f} (need >= 0.9): "
                   f"{'met' if t['met'] else 'NOT met'}", file=file)
         else:
-            print(f"target {name}: speedup {t['speedup']['median']:.2f}x, need >= "
-                  f"{t['required']:.2f}x (0.8 x ideal {t['ideal']['median']:.2f}x): "
+            print(f"target {name}: speedup {t['speedup']['median']:.2f}x = "
+                  f"{t['fraction_of_ideal']['median']:.2f} x ideal {t['ideal']['median']:.2f}x "
+                  f"(need >= 0.8 x ideal, about {t['required']:.2f}x): "
                   f"{'met' if t['met'] else 'NOT met'}", file=file)
     print(f"peak RSS {report['peak_rss_mb']:.0f} MiB; {report['note']}", file=file)
 

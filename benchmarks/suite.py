@@ -156,7 +156,8 @@ def suite_command(name: str, quick: bool, threads: int | None, data: Path, scrat
             return py + ["--data", str(src), "--cache-dir", str(scratch / "loaders_stores"),
                          "--resolution", "32", "--batch-size", "128", "--warmup", "1",
                          "--repeats", "2", "--timeout", "300", "--json"]
-        return py + ["--data", str(data / "cifar100" / "train"), "--resolution", "32", "--json"]
+        return py + ["--data", str(data / "cifar100" / "train"), "--resolution", "32",
+                     "--rounds", "2", "--json"]
     if name == "convert":
         return py + (["--limit", "500", "--repeats", "1"] if quick else []) + ["--data", str(data)]
     return py + (["--quick"] if quick else []) + th + ["--json"]
@@ -180,7 +181,7 @@ def run_suite(name: str, quick: bool, threads: int | None, data: Path, timeout: 
     with tempfile.TemporaryDirectory(prefix=f"cqkd-bench-{name}-") as tmp:
         cmd = suite_command(name, quick, threads, data, Path(tmp))
         print(f"== {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-        t0 = time.perf_counter()
+        t0, load_before = time.perf_counter(), os.getloadavg()[0]
         try:
             with PeakRSS() as mem:  # the suite's process tree (plus this small runner)
                 p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, env=env)
@@ -197,8 +198,10 @@ def run_suite(name: str, quick: bool, threads: int | None, data: Path, timeout: 
         return {"error": f"unreadable report ({type(e).__name__}: {e})", "command": cmd,
                 "seconds": seconds}
     report.pop("machine", None)  # recorded once at the top level
+    # other work on a shared machine skews the numbers: keep the evidence
     return {"figures": figures, "report": report, "seconds": seconds,
-            "suite_peak_rss_mb": mem.peak_mb}
+            "suite_peak_rss_mb": mem.peak_mb, "load_avg_1m_before": load_before,
+            "load_avg_1m_after": os.getloadavg()[0]}
 
 
 def write_json_atomic(path: Path, obj) -> None:
