@@ -18,13 +18,20 @@ status), on CUDA that check is skipped to avoid a device sync.
 
 Differences from the reference backend (PIL decode + torchvision antialiased
 bilinear resize): FFCV decodes with libturbojpeg's fast IDCT and resizes with
-``INTER_AREA``; pixels differ by a few levels (tests bound it). With
-``reduced_decode`` a JPEG whose crop is >= 2d x the largest output (largest
-d of 8, 4, 2; the reference's rule) is decoded at 1/d scale by libturbojpeg's
-DCT scaling (FFCV 1.0.2's ``imdecode`` exposes the scale; it never uses it
-itself) and the same normalized box is rounded on that smaller image. Raw samples are read in place.
-The low-res store (``lowres=True``, raw pixels at a reduced size) is the fast
-path: no decode at all, and a small resize.
+``INTER_AREA``; on the same pixels and box the views differ by ~3 levels on
+average (tests bound it). The reference order of operations is kept: crop,
+resize, then flip.
+
+Reduced decode. FFCV 1.0.2 never scales its JPEG decode, but its ``imdecode``
+passes a scaling factor to libturbojpeg, which decodes at 1/2, 1/4 or 1/8 in
+the IDCT. With ``reduced_decode``, a JPEG whose crop is >= 2d x the largest
+output (largest d of 8, 4, 2; the reference backend's rule) is decoded at 1/d
+and the same normalized box is rounded on that smaller image. On 224 px
+imagenette this saves little decode time (entropy decoding dominates) but
+shrinks the crop to resize: ~260 vs ~390 us of CPU per image. Raw samples are
+read in place. The low-res store (``lowres=True``: raw pixels, shorter side
+sized so every crop still has the student resolution) is the fast path: no
+decode, a small resize (~25 us of CPU per image, mostly ``INTER_AREA``).
 
 Order and sharding follow ``torch.utils.data.DistributedSampler`` (which is
 what FFCV's ``distributed=True`` uses): the permutation is seeded by
@@ -35,7 +42,8 @@ across ranks (plus the few padding repeats). Unlike FFCV's own distributed
 mode, rank/world size may be given explicitly (no process group needed).
 ``drop_last`` then drops this rank's last partial batch. When the file does not
 fit in half the available RAM, FFCV's process cache and ``QUASI_RANDOM`` order
-(page-local shuffling; single rank only) are used instead of the OS cache.
+(page-local shuffling, made reproducible per epoch; single rank only) are used
+instead of the OS cache; ``os_cache=`` overrides the choice.
 
 Threads and memory. FFCV runs each epoch in an ``EpochIterator`` thread and
 allocates its batch buffers per epoch; a consumer that breaks out early leaves
@@ -43,6 +51,12 @@ that thread blocked on its queue. Here one FFCV ``Loader`` lives as long as
 this object, its buffers are allocated once, and the epoch thread is always
 stopped and joined (end of epoch, early break, next ``__iter__``, ``close``).
 FFCV sets torch's and numba's thread count to ``num_workers``.
+
+Speed on CPU: normalization is a per-channel lookup table with the same
+float32 values as ``finish_batch`` (bit-identical, tested), ~1 us per image;
+labels and indices come from the file's metadata in Python rather than from
+compiled FFCV pipelines; the decode kernel is numba-compiled once and cached
+on disk, so a new loader costs ~1 s of compilation instead of ~10 s.
 """
 from __future__ import annotations
 
@@ -56,10 +70,11 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from ffcv.fields import IntField, RGBImageField
-from ffcv.loader import Loader, OrderOption
-from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.loader import Loader
+from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 from ffcv.pipeline.compiler import Compiler
 from ffcv.traversal_order.base import TraversalOrder
+from ffcv.traversal_order.quasi_random import QuasiRandom
 from ffcv.transforms import ToDevice, ToTensor
 
 from dataset_tools.store import MANIFEST_NAME, StoreError
@@ -92,6 +107,24 @@ class _ShardedOrder(TraversalOrder):
     def sample_order(self, epoch: int) -> np.ndarray:
         self.sampler.set_epoch(epoch)
         return self.indices[np.fromiter(iter(self.sampler), dtype=np.int64)]
+
+
+class _QuasiRandomOrder(QuasiRandom):
+    """FFCV's QUASI_RANDOM with an order that depends only on (seed, epoch):
+    FFCV's shuffles its page table in place, so its order for an epoch
+    depends on the epochs drawn before."""
+
+    def __init__(self):  # bound to the loader by __call__, as _ShardedOrder
+        pass
+
+    def __call__(self, loader) -> "_QuasiRandomOrder":
+        super().__init__(loader)
+        self._pristine = self.page_to_samples_array.copy()
+        return self
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        self.page_to_samples_array[:] = self._pristine
+        return super().sample_order(epoch)
 
 
 class _EpochThread(EpochIterator):
@@ -138,13 +171,9 @@ class _EpochThread(EpochIterator):
         if item is None:
             raise StopIteration
         slot, result = item
-        if self.loader_is_cuda:
-            torch.cuda.current_stream().wait_stream(self.cuda_streams[slot])
+        if IS_CUDA:  # as FFCV's __next__: wait for this slot's copies
+            self.current_stream.wait_stream(self.cuda_streams[slot])
         return result
-
-    @property
-    def loader_is_cuda(self) -> bool:
-        return self.cuda_streams[0] is not None
 
     def stop(self) -> None:
         """Stop and join the thread: it finishes the batch in progress, then
@@ -158,6 +187,10 @@ class _EpochThread(EpochIterator):
                 pass
             self.join(timeout=0.01)
         self.close()
+        # FFCV's process cache reads pages with its own threads; close() only
+        # asks them to finish.
+        for reader in getattr(getattr(self.memory_context, "executor", None), "threads", ()):
+            reader.join()
 
 
 def _memoize_allocations(loader: Loader) -> None:
@@ -210,7 +243,7 @@ class FFCVLoader(BaseLoader):
         if os_cache is None:
             os_cache = self.path.stat().st_size < psutil.virtual_memory().available // 2
         if self.world_size == 1 and cfg.shuffle and not os_cache:
-            order = OrderOption.QUASI_RANDOM
+            order = _QuasiRandomOrder()
         else:
             order = _ShardedOrder(self.rank, self.world_size, cfg.shuffle, cfg.seed)
         view_id = cfg.fixed_view if cfg.fixed_view is not None else (-1 if cfg.train else 0)
@@ -220,7 +253,7 @@ class FFCVLoader(BaseLoader):
         if self.device.type == "cuda":
             image_ops.append(ToDevice(self.device, non_blocking=True))
         # Labels and indices are read from the file's metadata in Python (see
-        # _batches): no compiled pipelines for them, which saves ~1 s per Loader.
+        # __iter__): no compiled pipelines for them, which saves ~1 s per Loader.
         pipelines = {"image": image_ops, "label": None, "index": None}
         workers = max(1, min(int(cfg.num_workers), numba.config.NUMBA_NUM_THREADS))
         try:
@@ -283,8 +316,8 @@ class FFCVLoader(BaseLoader):
         idx, lab = idx.astype(np.int64), labels.astype(np.int64)
         vids = self._view_ids(idx, epoch)
         student, teacher, trailer = split_packed(packed, self.student_res, self.teacher_res)
-        if trailer.device.type == "cpu":
-            self._check_trailer(trailer.numpy(), idx, vids)
+        if packed.device.type == "cpu":  # on CUDA, reading the trailer would sync
+            self._check_trailer(trailer().numpy(), idx, vids)
             student = self._normalize_cpu(student)
             teacher = None if teacher is None else self._normalize_cpu(teacher)
         return self.finish_batch(student, lab, idx, vids, teacher)

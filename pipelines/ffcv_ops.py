@@ -264,12 +264,11 @@ class ViewCropDecoder(ResizedCropRGBImageDecoder):
 
 
 def split_packed(packed: torch.Tensor, student: int, teacher: int
-                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """Packed rows ``[B, L]`` uint8 -> (student NHWC, teacher NHWC or None,
-    trailer ``[B, TRAILER_LEN]`` int64), as views where possible."""
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], Callable[[], torch.Tensor]]:
+    """Packed rows ``[B, L]`` uint8 -> (student NHWC view, teacher NHWC view
+    or None, a function returning the trailer ``[B, TRAILER_LEN]`` int64)."""
     b = packed.shape[0]
     s_bytes, t_bytes, off = packed_layout(student, teacher)
     s = packed[:, :s_bytes].view(b, student, student, 3)
     t = packed[:, s_bytes:s_bytes + t_bytes].view(b, teacher, teacher, 3) if teacher else None
-    trailer = packed[:, off:].contiguous().view(torch.int64)
-    return s, t, trailer
+    return s, t, lambda: packed[:, off:].contiguous().view(torch.int64)

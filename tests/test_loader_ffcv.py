@@ -329,6 +329,25 @@ def test_early_breaks_and_recreation_do_not_leak(raw_store):
         next(iter(loader))
 
 
+@pytest.mark.slow  # FFCV compiles its quasi-random sampler anew in every process (~10 s)
+def test_process_cache_quasi_random_path(raw_store):
+    """Files too big for the page cache: FFCV's process cache (its own page
+    reader threads) and QUASI_RANDOM order, reproducible per epoch."""
+    threads0 = threading.active_count()
+    cfg = cfg_for(raw_store, student_resolution=8, shuffle=True)
+    with FFCVLoader(cfg, os_cache=False) as loader:
+        orders = []
+        for epoch in (0, 1, 0):
+            loader.set_epoch(epoch)
+            orders.append(np.concatenate([b.indices.numpy() for b in loader]))
+            assert sorted(orders[-1].tolist()) == list(range(N))
+        for b in loader:
+            break
+    assert threading.active_count() == threads0
+    assert not np.array_equal(orders[0], orders[1])
+    np.testing.assert_array_equal(orders[0], orders[2])
+
+
 @pytest.mark.slow
 def test_twenty_recreated_loaders_do_not_leak(raw_store):
     cfg = cfg_for(raw_store, student_resolution=16, batch_size=8, shuffle=True)
