@@ -227,6 +227,11 @@ def test_native_images_are_the_stored_pixels(tiny_checkpoint):
     for c in range(10):
         mine = idx[labels == c]
         assert mine.tolist() == np.flatnonzero(shards.labels == c)[:len(mine)].tolist()
+    for backend in ("ffcv", "dali"):  # every backend reads the same pixels
+        other = replace(cfg, data=replace(cfg.data, backend=backend))
+        with jobs._eval_loader(other, cfg.data.val_store, 32, torch.device("cpu")) as loader:
+            b_imgs, _, b_idx = C.read_native_images(loader, limit=25)
+        assert np.array_equal(b_idx, idx) and np.array_equal(b_imgs, imgs), backend
 
 
 def test_clean_row_equals_evaluate(tiny_checkpoint):

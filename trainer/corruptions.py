@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import cv2
@@ -476,9 +478,6 @@ def _prefetch(fn, items, workers: int):
     if workers <= 0:
         yield from map(fn, items)
         return
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(workers) as pool:
         pending = deque()
         for item in items:
@@ -536,7 +535,10 @@ def evaluate_corruptions(model: torch.nn.Module, images: np.ndarray, labels: np.
             logits = []
     bar.close()
     per = {t: {str(sev): out[(t, sev)] for sev in severities} for t in types}
-    avg = lambda rows: {k: float(np.mean([r[k] for r in rows])) for k in METRICS}  # noqa: E731
+
+    def avg(rows):
+        return {k: float(np.mean([r[k] for r in rows])) for k in METRICS}
+
     return {
         "clean": out[(None, 0)],
         "mean": avg([out[(t, sev)] for t in types for sev in severities]),
@@ -550,7 +552,9 @@ def format_table(result: dict) -> str:
     """Rows: types; columns: severities; cells: accuracy/ECE in percent."""
     sevs = list(result["mean_by_severity"])
     head = f"{'top1/ECE %':18s}" + "".join(f"{'sev ' + s:>12s}" for s in sevs) + f"{'mean':>12s}"
-    cell = lambda r: f"{100 * r['top1']:5.1f}/{100 * r['ece']:<5.1f}".rjust(12)  # noqa: E731
+    def cell(r):
+        return f"{100 * r['top1']:.1f}/{100 * r['ece']:.1f}".rjust(12)
+
     lines = [head, f"{'clean':18s}" + cell(result["clean"])]
     for t, row in result["corruptions"].items():
         lines.append(f"{t:18s}" + "".join(cell(row[s]) for s in sevs) + cell(result["mean_by_type"][t]))
