@@ -204,7 +204,9 @@ def frost_texture(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
 
 # --------------------------------------------------------------------------- the 15 types
 # Each takes uint8 [N, H, W, 3], the severity's parameters and one generator
-# per image, and returns uint8 [N, H, W, 3].
+# per image, and returns uint8 [N, H, W, 3]. Pixel math is batched; loops over
+# images remain where the random draws are per image or the library op (cv2,
+# PIL) takes one image at a time.
 def gaussian_noise(x, c, rngs):
     noise = np.stack([r.normal(0.0, c, x.shape[1:]) for r in rngs])
     return _u8(_float(x) + noise)
