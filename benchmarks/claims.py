@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--only", default="", help="comma-separated student names (default: all)")
     p.add_argument("--classes", type=int, default=20)
-    p.add_argument("--per-class", type=int, default=250)
+    p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)

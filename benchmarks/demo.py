@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from dataset_tools.locate import shared_datasets_dir
 from dataset_tools.store import StoreError, open_store
+from trainer.checkpoint import load_checkpoint
 from trainer.config import load_config
 from trainer.recipe import Config
 
@@ -61,8 +63,9 @@ def ensure_store(src: Path, out: Path, split: str, student_res: int, workers: in
 
     t0 = time.perf_counter()
     try:
-        open_store(out)
-        problems = verify_store(out)
+        made_from = open_store(out).manifest["source"]["path"]
+        # a store of another subset is not reused; a damaged one neither
+        problems = verify_store(out) if Path(made_from) == Path(src) else ["other source"]
     except StoreError:
         problems = ["missing"]
     reused = not problems
@@ -114,7 +117,6 @@ def prepare(cfg: Config, args, times: dict) -> dict:
 
     root = cfg.run.root
     if getattr(args, "fresh", False) and root.exists():
-        import shutil
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     data = shared_datasets_dir() / "cifar100"
@@ -123,10 +125,16 @@ def prepare(cfg: Config, args, times: dict) -> dict:
         src = data / split
         if args.classes < 100 or args.per_class:
             per = args.per_class if split == "train" else 10**9
-            src = link_subset(src, stores / f"src_{split}", args.classes, per or 10**9)
+            name = f"src_{split}_{args.classes}classes" + (f"_{per}each" if split == "train" else "")
+            src = link_subset(src, stores / name, args.classes, per or 10**9)
         info = timed(f"convert {split}", times, ensure_store, src, stores / split, split,
                      cfg.data.student_size, args.workers)
         print(f"store {split}: {'reused (verified)' if info['reused'] else 'converted'}")
+    if cfg.teacher_checkpoint.is_file() and load_checkpoint(cfg.teacher_checkpoint)["data_fingerprint"] \
+            != open_store(cfg.data.train_store).fingerprint:
+        print("the stored teacher was trained on other data: starting this run over")
+        shutil.rmtree(root)
+        root.mkdir(parents=True)
     if not cfg.teacher_checkpoint.is_file():
         timed("teacher", times, jobs.run_teacher, cfg)
     if not cfg.temperature_file.is_file():
@@ -213,7 +221,7 @@ def main(argv=None) -> int:
     if args.classes is None:
         args.classes = 100 if args.full else 20
     if args.per_class is None:
-        args.per_class = 0 if args.full else 250
+        args.per_class = 0 if args.full else 100
     cfg = load_config(Config, args.config, args.overrides)
     run(cfg, args)
     return 0
