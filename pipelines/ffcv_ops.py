@@ -85,7 +85,8 @@ def packed_layout(student: int, teacher: int) -> tuple[int, int, int]:
 # FFCV's libffcv functions, declared by symbol so the kernel below can be
 # cached on disk: FFCV's ctypes wrappers compile to address constants, which
 # numba refuses to cache, and recompiling the kernel for every Loader costs
-# seconds. Pointers travel as int64 (same x86-64 calling convention).
+# seconds. Pointers travel as int64 (same x86-64 calling convention). These
+# are FFCV 1.0.2's signatures (setup.cfg pins it; later FFCV adds arguments).
 llvm_binding.load_library_permanently(ffcv._libffcv.__file__)
 _i64, _u32, _u8 = types.int64, types.uint32, types.uint8
 _imdecode = types.ExternalFunction("imdecode", types.int32(
