@@ -35,7 +35,7 @@ from pipelines.dali_backend import DALILoader, pixel_box_nodes
 from pipelines.loader import LoaderConfig, create_loader
 from pipelines.views import box_to_pixels, epoch_view_ids, view_params
 
-N_JPEG, N_PNG = 80, 200  # conftest subsets: imagenette 10x8 JPEGs, CIFAR 10x20 PNGs
+N_PNG = 200  # conftest's CIFAR subset: 10 classes x 20 PNGs
 
 
 def convert(src, out):
@@ -200,17 +200,23 @@ def test_in_graph_pixel_boxes_equal_box_to_pixels():
         assert tuple(anchor[k]) + tuple(shape[k]) == box_to_pixels(*c, h, w), (k, c, (h, w))
 
 
-def test_normalization_is_bitwise_baseloaders(png_store, cifar_subset):
-    """Eval (view 0) of 32x32 PNGs at 32 px: the pixels are the stored ones,
-    and DALI's in-graph normalization equals BaseLoader's torch formula."""
-    folder = ImageFolder(str(cifar_subset))
+@pytest.mark.parametrize("kind", ["jpeg", "png"])
+def test_decode_and_normalization_are_bitwise(kind, jpeg_store, png_store, imagenette_subset,
+                                              cifar_subset):
+    """Eval (view 0) at the stored size (224 px JPEGs, 32 px PNGs): the pixels
+    are PIL's decode bit for bit (libjpeg-turbo in both), and the in-graph
+    normalization equals BaseLoader's torch formula bit for bit."""
+    store, src, size = ((jpeg_store, imagenette_subset, 224) if kind == "jpeg"
+                        else (png_store, cifar_subset, 32))
+    folder = ImageFolder(str(src))
     for channels_last in (False, True):
-        cfg = cfg_for(png_store, train=False, channels_last=channels_last)
+        cfg = cfg_for(store, train=False, channels_last=channels_last, student_resolution=size,
+                      batch_size=8)
         with create_loader(cfg) as loader:
             b = next(iter(loader))
             mean, std = loader._mean, loader._std
         assert (b.view_ids == 0).all() and not b.flips.any()
-        assert torch.equal(b.boxes, torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(16, 4))
+        assert torch.equal(b.boxes, torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(8, 4))
         assert b.student.is_contiguous(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         raw = torch.stack([F.pil_to_tensor(Image.open(folder.samples[i][0]).convert("RGB"))
@@ -288,7 +294,8 @@ def test_rank_sharding_each_sample_once_plus_padding(png_store):
     per_rank = -(-n // world)
     parts = []
     for r in range(world):
-        with DALILoader(cfg_for(png_store, batch_size=32, seed=2), rank=r, world_size=world) as ld:
+        cfg = cfg_for(png_store, batch_size=32, seed=2, num_workers=0)  # 0 -> one DALI thread
+        with DALILoader(cfg, rank=r, world_size=world) as ld:
             assert ld.samples_per_rank == per_rank
             parts.append(run_epoch(ld, epoch=1)["indices"].numpy())
     padded = np.stack(parts, axis=1).reshape(-1)
@@ -313,7 +320,6 @@ def test_early_break_leaves_no_stale_batches(png_store):
 
 
 # --------------------------------------------------------------------------- resources and errors
-@pytest.mark.slow
 def test_no_thread_or_memory_leak(png_store):
     proc = psutil.Process()
 
