@@ -38,6 +38,7 @@ import io
 import multiprocessing as mp
 import os
 import tarfile
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -220,11 +221,15 @@ class _ViewBatches:
     """Batches of ``(index, view id)`` for the current epoch, on the main process."""
 
     def __init__(self, loader: "ReferenceLoader", batches: BatchSampler):
-        self.loader, self.batches = loader, batches
+        # A weak reference: a cycle loader -> DataLoader -> this -> loader would
+        # leave the workers to the cyclic GC, whose arbitrary finalization order
+        # makes DataLoader's worker shutdown wait out its timeouts (~10 s).
+        self.loader, self.batches = weakref.ref(loader), batches
 
     def __iter__(self):
+        loader = self.loader()
         for batch in self.batches:
-            vids = self.loader.view_ids_for(np.asarray(batch, dtype=np.int64))
+            vids = loader.view_ids_for(np.asarray(batch, dtype=np.int64))
             yield list(zip(batch, vids.tolist()))
 
     def __len__(self) -> int:
@@ -285,6 +290,10 @@ class ReferenceLoader(BaseLoader):
             it._shutdown_workers()
             self._dl._iterator = None
         self.dataset.close_files()
+
+    def __del__(self):
+        if "_dl" in self.__dict__:  # __init__ may have failed before creating it
+            self.close()
 
 
 def lowres_source(image: torch.Tensor, side: int) -> torch.Tensor:
