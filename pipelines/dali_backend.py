@@ -74,12 +74,26 @@ flip, then ``(x - mean) / std`` in float32 DALI arithmetic -- bitwise what
 multiplies by ``1/std`` and is 1 ulp off), but in DALI's thread pool rather
 than in torch on the training thread -- laid out CHW (HWC for
 ``channels_last``) and handed to torch zero-copy through DLPack.
+
+Errors
+------
+Store problems raise :class:`StoreError` naming the file/sample and the fix.
+Damage after conversion: each image's signature (JPEG SOI / PNG magic) is
+checked before DALI sees it, because DALI 2.4 segfaults the process on data it
+cannot identify. A decode error inside DALI (e.g. a truncated image) becomes a
+StoreError naming the sample; DALI pipelines do not recover from operator
+errors, so that loader then refuses to continue. Known limit: a JPEG whose
+frame header is damaged (e.g. zero width/height) can still crash DALI 2.4's
+decoder nondeterministically; ``python dataset_tools/convert.py verify DIR``
+checks every sample against its stored sha256.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import mmap
 import os
+import re
 import weakref
 from pathlib import Path
 from typing import Iterator, Optional
@@ -134,6 +148,7 @@ class _ShardTable:
 
     def __init__(self, shards: list[tuple[Path, Path]], num_samples: int, root: Path):
         n = num_samples
+        self.root = root
         self.shard = np.full(n, -1, dtype=np.int32)
         self.img_off = np.zeros(n, dtype=np.int64)
         self.img_len = np.zeros(n, dtype=np.int64)
@@ -188,6 +203,7 @@ class _BatchSource:
     def start_epoch(self, order: np.ndarray, view_ids: np.ndarray, batch_size: int) -> None:
         self.order, self.view_ids, self.batch_size = order, view_ids, batch_size
         self.next_start = 0
+        self.fed = collections.deque()  # sample indices of the batches handed to DALI
 
     def stop(self) -> None:
         self.next_start = len(self.order)
@@ -199,10 +215,12 @@ class _BatchSource:
         hi = min(lo + self.batch_size, len(self.order))
         self.next_start = hi
         idx, vid = self.order[lo:hi], self.view_ids[lo:hi]
+        self.fed.append(idx)
         boxes, flips = view_params(self.views, idx, vid)
         t, maps = self.table, self.maps
         sh, io, il, co, cl = (t.shard[idx], t.img_off[idx], t.img_len[idx],
                               t.cls_off[idx], t.cls_len[idx])
+        self._check_signatures(idx, sh, io, il)
         # Per-sample slicing is unavoidable: external_source takes a list of
         # variable-length arrays; each slice is a zero-copy view of the mmap.
         encoded = [maps[s][o:o + n] for s, o, n in zip(sh.tolist(), io.tolist(), il.tolist())]
@@ -220,6 +238,25 @@ class _BatchSource:
         starts = np.ascontiguousarray(boxes[:, :2], dtype=np.float64)
         extents = np.ascontiguousarray(boxes[:, 2:], dtype=np.float64)
         return encoded, starts, extents, flips.astype(np.int32), idx, vid, labels
+
+    def _check_signatures(self, idx, shard, offset, size) -> None:
+        """Every image must start like a JPEG or a PNG: DALI 2.4's decoder
+        segfaults the process (instead of raising) on data it cannot identify,
+        e.g. a zeroed or overwritten header, so such damage is caught here."""
+        head = np.zeros((len(idx), 4), np.uint8)
+        ok = size >= 8
+        for s in np.unique(shard):
+            sel = (shard == s) & ok
+            head[sel] = self.maps[s][offset[sel, None] + np.arange(4)]
+        jpeg = (head[:, 0] == 0xFF) & (head[:, 1] == 0xD8) & (head[:, 2] == 0xFF)
+        png = (head == np.frombuffer(b"\x89PNG", np.uint8)).all(axis=1)
+        bad = np.flatnonzero(~(jpeg | png))
+        if bad.size:
+            k = int(idx[bad[0]])
+            raise StoreError(f"{self.table.tars[shard[bad[0]]]}: sample {k:08d} is not a JPEG or "
+                             f"PNG (damaged shard?); check the store with 'python "
+                             f"dataset_tools/convert.py verify {self.table.root}' and re-run "
+                             f"the conversion if it fails")
 
     def close(self) -> None:
         self.maps = []
@@ -319,6 +356,7 @@ class DALILoader(BaseLoader):
             _ShardTable(self.store.dali_shards(), self.store.num_samples, self.store.root),
             self.views, self.store.num_classes, uniform_image_size(self.store.manifest))
         self._pipe = None
+        self._failure: Optional[StoreError] = None  # a decode error ends this loader
         # The generator currently driving the pipeline, weakly: it references the
         # loader, and a cycle would keep an abandoned loader (and DALI's threads)
         # alive until the garbage collector runs.
@@ -357,6 +395,8 @@ class DALILoader(BaseLoader):
     def __iter__(self) -> Iterator[Batch]:
         if self._source is None:
             raise RuntimeError("this DALILoader is closed; create a new one")
+        if self._failure is not None:  # see _run_epoch: DALI does not recover
+            raise self._failure
         self._stop_active()
         if self._pipe is None:
             self._pipe = self._build_pipeline()
@@ -371,13 +411,46 @@ class DALILoader(BaseLoader):
         try:
             for _ in range(num_batches):
                 pipe.schedule_run()
-                out = pipe.outputs(stream)
+                indices = self._source.fed.popleft()  # DALI returns batches in feed order
+                try:
+                    out = pipe.outputs(stream)
+                except RuntimeError as e:
+                    self._failure = self._batch_error(indices, e)
+                    raise self._failure from e
                 student, labels, indices, view_ids = (torch.from_dlpack(o.as_tensor())
                                                       for o in out[:4])
                 teacher = torch.from_dlpack(out[4].as_tensor()) if len(out) > 4 else None
                 yield self.finish_batch(student, labels, indices, view_ids, teacher)
-        finally:
+        except GeneratorExit:  # abandoned early (break, close, a new epoch)
             self._drain(pipe)
+            raise
+        except BaseException:
+            # A DALI pipeline does not recover from an operator error (and DALI
+            # 2.4 was seen to crash on the next one): drop it.
+            self._source.stop()
+            if self._pipe is pipe:
+                self._pipe = None
+            raise
+        else:
+            self._drain(pipe)
+
+    def _batch_error(self, indices: np.ndarray, err: Exception) -> StoreError:
+        """Name the sample DALI could not decode (its message gives the
+        position in the batch) and the fix."""
+        msg = str(err)
+        m = re.search(r"Failed to decode sample #(\d+)", msg)
+        if m and int(m.group(1)) < len(indices):
+            what = f"sample {int(indices[int(m.group(1))]):08d}"
+        else:
+            what = "a batch with samples " + ", ".join(f"{i:08d}" for i in indices[:8]) + (
+                " ..." if len(indices) > 8 else "")
+        lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+        # DALI's message: "... encountered:" then the operator's own error
+        after = [lines[i + 1] for i, ln in enumerate(lines[:-1]) if ln.endswith("encountered:")]
+        detail = after[0] if after else (lines[-1] if lines else type(err).__name__)
+        return StoreError(f"{self.store.root}: DALI failed on {what} ({detail}); check the store "
+                          f"with 'python dataset_tools/convert.py verify {self.store.root}' and "
+                          f"re-run the conversion if it fails. This loader cannot continue.")
 
     def _drain(self, pipe) -> None:
         """End the epoch early or on time: no more input, discard prefetched
@@ -387,6 +460,7 @@ class DALILoader(BaseLoader):
         while not pipe.empty():
             pipe.outputs()
         pipe.reset()
+        self._source.fed.clear()
 
     def _stop_active(self) -> None:
         gen = self._active() if self._active is not None else None

@@ -397,6 +397,43 @@ def test_store_errors(jpeg_store, tmp_path):
         DALILoader(cfg_for(jpeg_store), rank=2, world_size=2)
 
 
+def test_damaged_shards_name_the_sample(jpeg_store, tmp_path):
+    """Damage after conversion: a clear StoreError naming the sample and the
+    verify command, not a crash (DALI 2.4 segfaults on unidentifiable image
+    data, so signatures are checked before DALI sees the bytes)."""
+    def damaged(name):
+        dst = tmp_path / name
+        shutil.copytree(jpeg_store, dst)
+        return dst, json.loads((dst / "manifest.json").read_text())["stores"]["dali"]["shards"][0]
+
+    def loader(store):
+        return DALILoader(cfg_for(store, shuffle=False, batch_size=16))
+
+    store, shard = damaged("zeroed")  # a zeroed block over sample 21's header
+    with loader(store) as ld:
+        t = ld._source.table
+        with open(t.tars[t.shard[21]], "r+b") as f:
+            f.seek(int(t.img_off[21]))
+            f.write(bytes(64))
+        for _ in range(2):  # and again: still the clear error
+            with pytest.raises(StoreError, match=r"sample 00000021 is not a JPEG or PNG.*verify"):
+                run_epoch(ld)
+
+    store, shard = damaged("truncated")  # index and tar disagree: sample 37 cut short
+    idx = store / shard["index"]
+    lines = idx.read_text().splitlines()
+    tok = lines[1 + 37].split()
+    assert tok[0] == "jpg" and tok[3] == "00000037.jpg"
+    tok[2] = str(int(tok[2]) // 3)
+    lines[1 + 37] = " ".join(tok)
+    idx.write_text("\n".join(lines) + "\n")
+    with loader(store) as ld:
+        for _ in range(2):  # DALI cannot go on after a decode error; the loader says so
+            with pytest.raises(StoreError, match=r"failed on sample 00000037.*verify.*cannot "
+                                                 r"continue"):
+                run_epoch(ld)
+
+
 # --------------------------------------------------------------------------- GPU
 @pytest.mark.parametrize("device", [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
