@@ -99,7 +99,8 @@ def make_config(s: E2ESettings, stores: dict, out_dir: Path):
                        student_resolution=s.student_resolution, student_factor=0.0,
                        num_views=s.num_views)
     cfg.model = replace(cfg.model, teacher=s.teacher, student=s.student)
-    cfg.optim = replace(cfg.optim, epochs=s.teacher_epochs)
+    # both set: the recipe has its own teacher_epochs (0 would mean "same as epochs")
+    cfg.optim = replace(cfg.optim, epochs=s.student_epochs, teacher_epochs=s.teacher_epochs)
     return cfg
 
 
@@ -140,7 +141,7 @@ def run(s: E2ESettings, data: Path) -> dict:
         views = r["num_samples"] * r["num_views"]
         out["cache"] = {"images_per_sec": summarize([views / r["seconds"]]), "seconds": sec,
                         "peak_rss_mb": mb, "fp16_max_abs_error": r["fp16_max_abs_error"]}
-        student = replace(cfg, optim=replace(cfg.optim, epochs=s.student_epochs))
+        student = cfg
         for tag, mix in (("student_kd", {}), ("student_kd_cutmix", {"p_cutmix": s.p_cutmix})):
             c = replace(student, run=replace(student.run, tag=tag), mix=replace(student.mix, **mix))
             r, sec, mb = timed(jobs.run_distill, c)
@@ -154,6 +155,7 @@ def run(s: E2ESettings, data: Path) -> dict:
                   "final epoch; conversion not timed",
         "settings": {**asdict(s), "recipe": str(RECIPE.relative_to(_REPO)),
                      "loss": {"ce": loss.ce, "kd": loss.kd, "temperature": loss.temperature},
+                     "config": json.loads(json.dumps(asdict(cfg), default=str)),
                      "train_images": s.classes * s.train_per_class,
                      "test_images": s.classes * s.test_per_class},
         "convert_seconds": convert_s,

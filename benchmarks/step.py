@@ -160,7 +160,8 @@ def base_config(s: StepSettings, root: Path):
                       amp=s.amp, compile=s.compile, progress=False)
     cfg.data = replace(cfg.data, batch_size=s.batch_size, teacher_resolution=s.teacher_resolution,
                        student_resolution=s.student_resolution, student_factor=0.0,
-                       num_views=s.num_views, channels_last=s.channels_last, num_workers=0)
+                       num_views=s.num_views, view_seed=s.seed,
+                       channels_last=s.channels_last, num_workers=0)
     cfg.model = replace(cfg.model, teacher=s.teacher, student=s.student)
     cfg.distill = replace(cfg.distill, cache_dtype=s.cache_dtype,
                           teacher_checkpoint=str(root / "teacher.pt"))
@@ -177,10 +178,11 @@ def write_synthetic_teacher_and_cache(s: StepSettings, cfg) -> None:
     from trainer.models import create_model
 
     torch.manual_seed(s.seed)
-    sd = create_model(s.teacher, s.num_classes, low_res_stem=cfg.model.teacher_low_res_stem).state_dict()
+    stem = cfg.model.teacher_low_res_stem
+    sd = create_model(s.teacher, s.num_classes, low_res_stem=stem).state_dict()
     whash = weights_hash(sd)
     save_checkpoint(cfg.teacher_checkpoint, {"arch": s.teacher, "num_classes": s.num_classes,
-                                             "model": sd, "weights_hash": whash})
+                                             "low_res_stem": stem, "model": sd, "weights_hash": whash})
     fingerprint = SyntheticLoader(s, s.student_resolution).store.fingerprint
     rng = np.random.default_rng(s.seed)
 
