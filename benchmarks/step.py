@@ -22,8 +22,11 @@ code (``save_checkpoint``, ``fill_cache``, ``LogitCache.open``), so setup
 follows the production path.
 
 Timing: ``--warmup`` untimed steps per mode, then ``--repeats`` rounds; in
-each round every mode (and the teacher forward alone) runs ``--steps`` steps
-back to back, timed with a device sync at the end. Modes are interleaved
+each round every mode (and the teacher forward alone) runs a block of steps
+back to back, timed with a device sync at the end. A block has ``--steps``
+steps, or more for cheap modes so that it lasts ``--block-seconds`` (sized
+from the last warm-up step): short blocks of a cheap mode would be dominated
+by timer and scheduler noise. Modes are interleaved
 round by round (in rotating order) so a machine whose load drifts slows all
 modes alike, and ratios are formed per round. Reported: median and
 [min, max] over rounds. Peak memory: the process's peak RSS over the whole
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -70,7 +74,8 @@ class StepSettings:
     num_views: int = 4
     modes: tuple[str, ...] = ALL_MODES
     warmup: int = 3  # untimed steps per mode
-    steps: int = 10  # steps per timed round
+    steps: int = 10  # minimum steps per timed block
+    block_seconds: float = 2.0  # cheap modes run more steps per block, to last this long
     repeats: int = 5  # timed rounds
     device: str = "auto"
     amp: str = "auto"
@@ -81,7 +86,7 @@ class StepSettings:
 
 
 # --quick: the default pair at a batch size that keeps a 2-core CPU run to about a minute
-QUICK = dict(batch_size=32, warmup=1, steps=2, repeats=4, num_samples=5000)
+QUICK = dict(batch_size=32, warmup=2, steps=2, block_seconds=0.5, repeats=5, num_samples=5000)
 
 
 # ------------------------------------------------------------ synthetic inputs
@@ -213,6 +218,7 @@ class Entry:
     def __init__(self, name, trainer, batches, fn):
         self.name, self.trainer, self.batches, self.fn = name, trainer, batches, fn
         self.seconds: list[float] = []
+        self.steps = 0  # per timed block, set after the warm-up
         self.peak_device_bytes = 0
         self.stats = {k: torch.zeros((), device=trainer.device) for k in ("loss", "correct", "n")}
 
@@ -245,15 +251,20 @@ def measure(s: StepSettings, entries: list[Entry], device: torch.device) -> None
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     for e in entries:
-        e.run(s.warmup)
-    sync()
+        last = float("inf")
+        for i in range(s.warmup):
+            t0 = time.perf_counter()
+            e.run(1, offset=i)
+            sync()
+            last = time.perf_counter() - t0
+        e.steps = max(s.steps, math.ceil(s.block_seconds / last)) if s.warmup else s.steps
     for r in range(s.repeats):
         k = r % len(entries)
         for e in entries[k:] + entries[:k]:  # rotate the order each round
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
-            e.run(s.steps, offset=r * s.steps)
+            e.run(e.steps, offset=r * e.steps)
             sync()
             e.seconds.append(time.perf_counter() - t0)
             if cuda:
@@ -291,11 +302,12 @@ def results(s: StepSettings, entries: list[Entry]) -> tuple[dict, dict]:
     per_round = {}  # name -> steps/sec per round
     out = {}
     for e in entries:
-        rates = [s.steps / t for t in e.seconds]
+        rates = [e.steps / t for t in e.seconds]
         per_round[e.name] = rates
         r = {"steps_per_sec": summarize(rates),
              "images_per_sec": summarize([x * s.batch_size for x in rates]),
-             "ms_per_step": summarize([1000 * t / s.steps for t in e.seconds])}
+             "ms_per_step": summarize([1000 * t / e.steps for t in e.seconds]),
+             "steps_per_block": e.steps}
         if e.peak_device_bytes:
             r["peak_device_mb"] = e.peak_device_bytes / 2**20
         out[e.name] = r
@@ -346,8 +358,9 @@ def run(s: StepSettings, profile_dir: Path | None = None) -> dict:
     amp = entries[0].trainer.amp
     return {
         "benchmark": "training step (Trainer.train_step on synthetic device-resident batches)",
-        "method": f"{s.warmup} warm-up steps per mode, then {s.repeats} rounds of {s.steps} steps "
-                  f"per mode, modes interleaved; median and [min, max] over rounds",
+        "method": f"{s.warmup} warm-up steps per mode, then {s.repeats} rounds of one block per "
+                  f"mode (>= {s.steps} steps, >= {s.block_seconds} s), modes interleaved; median "
+                  f"and [min, max] over rounds",
         "note": CALIBRATION_NOTE,
         "settings": {**asdict(s), "modes": list(s.modes), "device": str(device),
                      "amp": str(amp) if amp else "off"},
@@ -393,6 +406,8 @@ def parse_settings(argv=None) -> tuple[StepSettings, argparse.Namespace]:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                        help=f"default {getattr(d, name)}" + (f" ({QUICK[name]} with --quick)"
                                                              if name in QUICK else ""))
+    p.add_argument("--block-seconds", type=float, default=None,
+                   help=f"default {d.block_seconds} ({QUICK['block_seconds']} with --quick)")
     p.add_argument("--modes", nargs="+", choices=ALL_MODES, default=None)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the student")
@@ -403,7 +418,7 @@ def parse_settings(argv=None) -> tuple[StepSettings, argparse.Namespace]:
     a = p.parse_args(argv)
     values = {**(QUICK if a.quick else {}),
               **{k: v for k, v in vars(a).items() if k in StepSettings.__dataclass_fields__
-                 and v not in (None, False)}}
+                 and v is not None and v is not False}}
     if "modes" in values:
         values["modes"] = tuple(values["modes"])
     s = StepSettings(**values)

@@ -154,7 +154,8 @@ def test_suite_figures_from_reports():
 # ------------------------------------------------------------- step benchmark
 TINY = ["--quick", "--batch-size", "8", "--teacher", "resnet8", "--student", "resnet8",
         "--num-classes", "10", "--num-samples", "64", "--num-views", "2", "--warmup", "1",
-        "--steps", "1", "--repeats", "2", "--threads", "1", "--device", "cpu", "--json"]
+        "--steps", "1", "--block-seconds", "0", "--repeats", "2", "--threads", "1", "--device", "cpu",
+        "--json"]
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +182,7 @@ def test_step_tiny_run_reports_every_mode(step_report):
     assert set(rep["results"]) == {"ce", "kd_cached", "kd_online", "kd_cached_cutmix", "teacher_forward"}
     for name, r in rep["results"].items():
         assert r["steps_per_sec"]["median"] > 0 and r["steps_per_sec"]["n"] == 2, name
+        assert r["steps_per_block"] == 1, name  # --block-seconds 0: exactly --steps
         assert r["images_per_sec"]["median"] == pytest.approx(8 * r["steps_per_sec"]["median"])
     t = rep["targets"]
     assert isinstance(t["kd_cached_vs_ce"]["met"], bool) and t["kd_cached_vs_ce"]["ratio"]["median"] > 0
