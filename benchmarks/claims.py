@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--classes", type=int, default=20)
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out-name", default="claims", help="writes runs/<name>/<out-name>.json/.md")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
     args.fresh = False
@@ -116,10 +117,10 @@ def main(argv=None) -> int:
     out = {"config": args.config, "overrides": args.overrides, "seeds": seeds, "teacher": teacher,
            "calibration": calib, "claims": everything, "seconds": time.perf_counter() - t0}
     root = cfg.run.root
-    (root / "claims.json").write_text(json.dumps(out, indent=2, default=str))
-    (root / "claims.md").write_text("\n".join(report))
+    (root / f"{args.out_name}.json").write_text(json.dumps(out, indent=2, default=str))
+    (root / f"{args.out_name}.md").write_text("\n".join(report))
     print("\n".join(report))
-    print(f"written: {root / 'claims.json'}, {root / 'claims.md'}")
+    print(f"written: {root / args.out_name}.json and .md")
     return 0
 
 
