@@ -203,7 +203,9 @@ class _BatchSource:
     def start_epoch(self, order: np.ndarray, view_ids: np.ndarray, batch_size: int) -> None:
         self.order, self.view_ids, self.batch_size = order, view_ids, batch_size
         self.next_start = 0
-        self.fed = collections.deque()  # sample indices of the batches handed to DALI
+        # (sample indices, batch) handed to DALI and not yet returned: DALI
+        # reads the batch in place (no_copy), so it must stay alive until then
+        self.fed = collections.deque()
 
     def stop(self) -> None:
         self.next_start = len(self.order)
@@ -214,8 +216,12 @@ class _BatchSource:
             raise StopIteration
         hi = min(lo + self.batch_size, len(self.order))
         self.next_start = hi
-        idx, vid = self.order[lo:hi], self.view_ids[lo:hi]
-        self.fed.append(idx)
+        idx = self.order[lo:hi]
+        batch = self._batch(idx, self.view_ids[lo:hi])
+        self.fed.append((idx, batch))
+        return batch
+
+    def _batch(self, idx: np.ndarray, vid: np.ndarray) -> tuple:
         boxes, flips = view_params(self.views, idx, vid)
         t, maps = self.table, self.maps
         sh, io, il, co, cl = (t.shard[idx], t.img_off[idx], t.img_len[idx],
@@ -310,7 +316,7 @@ def _view_graph(source, decode_device: str, student_res: int, teacher_res: int,
 
     box_type = types.INT32 if boxes_in_pixels else types.FLOAT64
     encoded, box_a, box_b, flips, indices, view_ids, labels = fn.external_source(
-        source=source, num_outputs=7, batch=True,
+        source=source, num_outputs=7, batch=True, no_copy=True,  # JPEGs read in the mmap
         dtype=[types.UINT8, box_type, box_type, types.INT32, types.INT64, types.INT64,
                types.INT64])
     # pixel anchor/shape from Python (one image size) or from each image's header
@@ -411,7 +417,8 @@ class DALILoader(BaseLoader):
         try:
             for _ in range(num_batches):
                 pipe.schedule_run()
-                indices = self._source.fed.popleft()  # DALI returns batches in feed order
+                # DALI keeps the feed order; `fed` stays alive until outputs() returned
+                indices, fed = self._source.fed.popleft()
                 try:
                     out = pipe.outputs(stream)
                 except RuntimeError as e:
