@@ -14,6 +14,8 @@ and memory). Which figures gate (see :mod:`benchmarks.suite` for scopes):
   (``--quick`` vs full, a different thread count): they measured different things.
 
 Figures present in only one file are listed (missing/new), never an error.
+A regression whose repeats spread wider than the threshold is still one, but
+is flagged "noisy": on a shared or busy machine rerun before believing it.
 """
 from __future__ import annotations
 
@@ -82,6 +84,11 @@ class Row:
     regressed: bool = False
 
 
+def _relative_width(f: dict) -> float:
+    lo, hi = f.get("spread", [f["median"], f["median"]])
+    return (hi - lo) / abs(f["median"]) if f["median"] else 0.0
+
+
 def compare_figure(name: str, b: dict, n: dict, threshold: float, same_machine: bool,
                    same_settings: bool) -> Row:
     row = Row(name, n.get("unit", b.get("unit", "")), b["median"], n["median"])
@@ -100,6 +107,9 @@ def compare_figure(name: str, b: dict, n: dict, threshold: float, same_machine: 
         row.status = "shown only (absolute, other machine)"
     elif worse > threshold and abs(new - base) > min_change:
         row.status, row.regressed = "REGRESSION", True
+        width = max(_relative_width(b), _relative_width(n))
+        if width > threshold:  # still gates, but say that the repeats disagreed this much
+            row.status += f" (noisy: repeats span {100 * width:.0f}% of the median)"
     elif worse < -threshold and abs(new - base) > min_change:
         row.status = "improved"
     else:

@@ -60,6 +60,11 @@ def test_ratio_drop_beyond_threshold_fails_and_names_the_figure(tmp_path, capsys
     assert rc == 1
     assert "step/kd_cached_over_ce" in regressed_line(out) and "-10.0%" in regressed_line(out)
     assert "gating rule" in out  # the rule is documented in the output
+    assert "noisy" not in out
+    noisy = changed(**{"step/kd_cached_over_ce": 0.90})
+    noisy["benchmarks"]["step"]["kd_cached_over_ce"]["spread"] = [0.5, 1.2]
+    rc, out = run_compare(tmp_path, capsys, BASE, noisy)  # still gates, but says so
+    assert rc == 1 and "noisy: repeats span 78%" in out
 
 
 def test_small_drops_and_improvements_pass(tmp_path, capsys):
