@@ -10,7 +10,6 @@ STAMP       := $(VENV)/.installed
 APT_PKGS    := pkg-config libturbojpeg0-dev libopencv-dev
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 CQKD_DATA   ?= $(abspath ../shared/datasets)
-STORES      ?= stores
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 
@@ -46,8 +45,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Throughput next to calibration, compared with the committed baseline.
 bench: $(STAMP)
-	$(PY) -m benchmarks.convert
+	$(PY) -m benchmarks run --quick --out runs/bench.json
+	$(PY) -m benchmarks compare benchmarks/baseline_cpu.json runs/bench.json --threshold 5%
 
 clean:
 	rm -rf $(VENV) *.egg-info build
