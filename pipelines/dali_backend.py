@@ -128,17 +128,20 @@ def _parse_index(idx_path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, .
     for r, line in enumerate(lines):
         tok = line.split()
         found = 0
-        for j in range(0, len(tok) - 3, 4):  # groups of: ext offset size name
-            ext, off, ln, name = tok[j], int(tok[j + 1]), int(tok[j + 2]), tok[j + 3]
-            if ext in IMAGE_EXTS:
-                rows[r, 0], rows[r, 1], rows[r, 2] = int(name.split(".", 1)[0]), off, ln
-                found |= 1
-            elif ext == "cls":
-                rows[r, 3], rows[r, 4] = off, ln
-                found |= 2
+        try:
+            for j in range(0, len(tok) - 3, 4):  # groups of: ext offset size name
+                ext, off, ln, name = tok[j], int(tok[j + 1]), int(tok[j + 2]), tok[j + 3]
+                if ext in IMAGE_EXTS:
+                    rows[r, 0], rows[r, 1], rows[r, 2] = int(name.split(".", 1)[0]), off, ln
+                    found |= 1
+                elif ext == "cls":
+                    rows[r, 3], rows[r, 4] = off, ln
+                    found |= 2
+        except ValueError:
+            found = -1
         if found != 3:
-            raise StoreError(f"{idx_path}: sample line {r + 1} lacks an image or a .cls member; "
-                             f"re-run dataset_tools/convert.py --formats dali")
+            raise StoreError(f"{idx_path}: sample line {r + 1} is malformed or lacks an image or "
+                             f"a .cls member; re-run dataset_tools/convert.py --formats dali")
     return tuple(np.ascontiguousarray(rows[:, c]) for c in range(5))
 
 
@@ -164,6 +167,10 @@ class _ShardTable:
             if (self.shard[keys] >= 0).any():
                 raise StoreError(f"{idx}: sample keys repeated across shards; "
                                  f"re-run the conversion")
+            tar_size = os.path.getsize(tar)
+            if keys.size and (np.maximum(io + il, co + cl).max() > tar_size or (io < 0).any()):
+                raise StoreError(f"{idx}: lists members beyond the end of {tar} (a truncated or "
+                                 f"replaced shard?); re-run dataset_tools/convert.py")
             self.shard[keys] = s
             self.img_off[keys], self.img_len[keys] = io, il
             self.cls_off[keys], self.cls_len[keys] = co, cl

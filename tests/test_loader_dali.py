@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import io
 import json
+import os
 import shutil
 
 import numpy as np
@@ -393,6 +394,13 @@ def test_store_errors(jpeg_store, tmp_path):
 
     with pytest.raises(StoreError, match="not a DALI webdataset index"):
         DALILoader(cfg_for(broken_copy("bad_idx", bad_index)))
+
+    def truncated_tar(d, man):
+        tar = d / man["stores"]["dali"]["shards"][0]["tar"]
+        os.truncate(tar, tar.stat().st_size // 2)
+
+    with pytest.raises(StoreError, match="beyond the end of"):
+        DALILoader(cfg_for(broken_copy("short_tar", truncated_tar)))
     with pytest.raises(ValueError, match="rank 2 outside"):
         DALILoader(cfg_for(jpeg_store), rank=2, world_size=2)
 
