@@ -21,7 +21,6 @@ import statistics
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 from benchmarks.demo import REPO, prepare, train_student
 from trainer.config import load_config

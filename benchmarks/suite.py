@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from trainer.checkpoint import atomic_write_bytes
+
 SUITES = ("loaders", "step", "convert", "e2e")
 
 
@@ -205,18 +207,7 @@ def run_suite(name: str, quick: bool, threads: int | None, data: Path, timeout: 
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(Path(path), lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
 
 
 def run_all(suites, out: Path, quick: bool, threads: int | None, data: Path | None,

@@ -32,7 +32,7 @@ import re
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Iterator, Optional
 
 from tqdm import tqdm
 

@@ -7,7 +7,6 @@ JPEG/PNG encode, hashing) therefore run in parallel.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import os

@@ -226,9 +226,9 @@ def _open_imagefolder(root: Path, problems: _Problems) -> Source:
             problems.bad(e.path, f"symlink loop ({err.strerror})", "remove or fix the link")
     if not classes:
         hint = (f"it holds {top_images} images but no class sub-folders; ImageFolder expects "
-                f"ROOT/<class>/<image>: point to the parent folder or sort the images into "
-                f"class folders" if top_images else "no class sub-folders; ImageFolder expects "
-                f"ROOT/<class>/<image>")
+                "ROOT/<class>/<image>: point to the parent folder or sort the images into "
+                "class folders" if top_images else "no class sub-folders; ImageFolder expects "
+                "ROOT/<class>/<image>")
         raise SourceError(f"{root}: {hint}")
     items: list[SourceItem] = []
     for label, cname in enumerate(classes):

@@ -7,7 +7,6 @@ indexing, labels, views and rounding are all checked end to end.
 from __future__ import annotations
 
 import hashlib
-import io
 import shutil
 import tarfile
 import time
