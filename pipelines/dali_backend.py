@@ -105,6 +105,7 @@ from torch.utils.data import DistributedSampler
 
 from dataset_tools.store import MANIFEST_NAME, StoreError
 from pipelines.batch import Batch
+from pipelines.dali_import import import_dali
 from pipelines.loader import BaseLoader, LoaderConfig
 from pipelines.views import ViewConfig, box_to_pixels, view_params
 
@@ -388,6 +389,7 @@ class DALILoader(BaseLoader):
 
     # -- pipeline
     def _build_pipeline(self):
+        import_dali()  # before any other DALI import: see pipelines/dali_import.py
         from nvidia.dali import pipeline_def
 
         cuda = self.device.type == "cuda"
