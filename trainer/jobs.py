@@ -38,14 +38,17 @@ def _eval_loader(cfg: Config, store: str, resolution: int, device, **kw):
     return create_loader(lc, rank=0, world_size=1)
 
 
-def run_teacher(cfg: Config) -> dict:
-    """Plain cross-entropy at full resolution: the usual overconfident teacher."""
-    trainer = Trainer(cfg, "teacher")
+def _fit(cfg: Config, role: str) -> dict:
+    trainer = Trainer(cfg, role)
     try:
-        result = trainer.fit()
+        return trainer.fit()
     finally:
         trainer.close()
-    return result
+
+
+def run_teacher(cfg: Config) -> dict:
+    """Plain cross-entropy at full resolution: the usual overconfident teacher."""
+    return _fit(cfg, "teacher")
 
 
 def run_calibrate(cfg: Config) -> dict:
@@ -120,12 +123,8 @@ def run_cache(cfg: Config) -> dict:
 
 
 def run_distill(cfg: Config) -> dict:
-    trainer = Trainer(cfg, "student")
-    try:
-        result = trainer.fit()
-    finally:
-        trainer.close()
-    return result
+    """A student at reduced resolution from cached or online teacher targets."""
+    return _fit(cfg, "student")
 
 
 def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:

@@ -6,22 +6,26 @@ pooling, ``[B, feature_dim]``) and ``head`` (the final linear layer).
 """
 from __future__ import annotations
 
+import abc
+
 from typing import Tuple, Union
 
 import torch
 from torch import nn
 
 
-class DistillModel(nn.Module):
+class DistillModel(nn.Module, abc.ABC):
     """Subclasses set ``self.feature_dim`` and implement ``embed`` and ``head``."""
 
     feature_dim: int
 
+    @abc.abstractmethod
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Backbone + global pooling: ``[B, feature_dim]``."""
 
+    @abc.abstractmethod
     def head(self, emb: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The classifier: embedding -> logits."""
 
     def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(embedding [B, feature_dim], logits [B, num_classes])``."""
