@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dataset_tools.store import open_store
 from pipelines.loader import LoaderConfig, create_loader
 from trainer.calibration import calibration_metrics, reliability_diagram
 from trainer.checkpoint import atomic_write_bytes, load_checkpoint
@@ -127,22 +128,29 @@ def run_distill(cfg: Config) -> dict:
     return _fit(cfg, "student")
 
 
-def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
-    """Accuracy and the calibration family of a checkpoint on the val split,
-    plus its reliability diagram."""
-    device = setup_distributed(cfg)
+def _load_evaluable(cfg: Config, checkpoint: str, store_classes: int) -> tuple[Path, dict, torch.nn.Module]:
+    """A trainer checkpoint (default: the run's student), checked against the
+    val store's class count, and its model rebuilt (on the CPU)."""
     path = Path(checkpoint) if checkpoint else cfg.student_dir / "final.pt"
     ck = load_checkpoint(path)
     for k in ("arch", "num_classes", "model", "student_resolution"):
         if k not in ck:
             raise ValueError(f"{path}: not a checkpoint of this trainer (missing {k!r})")
+    if store_classes != ck["num_classes"]:
+        raise ValueError(f"{path}: model has {ck['num_classes']} classes, {cfg.data.val_store} has "
+                         f"{store_classes}")
+    model = create_model(ck["arch"], ck["num_classes"], low_res_stem=ck.get("low_res_stem", True))
+    model.load_state_dict(ck["model"])
+    return path, ck, model
+
+
+def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
+    """Accuracy and the calibration family of a checkpoint on the val split,
+    plus its reliability diagram."""
+    device = setup_distributed(cfg)
+    path, ck, model = _load_evaluable(cfg, checkpoint, open_store(cfg.data.val_store).num_classes)
+    model = model.to(device)
     with _eval_loader(cfg, cfg.data.val_store, ck["student_resolution"], device) as loader:
-        if loader.store.num_classes != ck["num_classes"]:
-            raise ValueError(f"{path}: model has {ck['num_classes']} classes, {cfg.data.val_store} has "
-                             f"{loader.store.num_classes}")
-        model = create_model(ck["arch"], ck["num_classes"], low_res_stem=ck.get("low_res_stem", True))
-        model.load_state_dict(ck["model"])
-        model = model.to(device)
         autocast = _autocast_for(cfg, device)
         metrics = evaluate_model(model, loader, autocast)
         logits, labels = collect_logits(model, loader, autocast)
@@ -160,7 +168,6 @@ def run_evaluate_corruptions(cfg: Config, checkpoint: str = "", severities=None,
     CIFAR-C corruptions x 5 severities (see trainer/corruptions.py for the
     pipeline); ``limit > 0``: a class-balanced subset of that many images.
     Writes ``<checkpoint stem>_corruptions.json`` beside the checkpoint."""
-    from dataset_tools.store import open_store
     from trainer import corruptions as C
 
     types = list(types or C.CORRUPTIONS)
@@ -169,21 +176,12 @@ def run_evaluate_corruptions(cfg: Config, checkpoint: str = "", severities=None,
     if limit < 0:
         raise ValueError(f"--corruption-limit must be >= 0 (0 = every image), got {limit}")
     device = setup_distributed(cfg)
-    path = Path(checkpoint) if checkpoint else cfg.student_dir / "final.pt"
-    ck = load_checkpoint(path)
-    for k in ("arch", "num_classes", "model", "student_resolution"):
-        if k not in ck:
-            raise ValueError(f"{path}: not a checkpoint of this trainer (missing {k!r})")
     store = open_store(cfg.data.val_store)
-    if store.num_classes != ck["num_classes"]:
-        raise ValueError(f"{path}: model has {ck['num_classes']} classes, {cfg.data.val_store} has "
-                         f"{store.num_classes}")
+    path, ck, model = _load_evaluable(cfg, checkpoint, store.num_classes)
     native = C.native_size(store.manifest)
     t0 = time.perf_counter()
     with _eval_loader(cfg, cfg.data.val_store, native, torch.device("cpu")) as loader:
         images, labels, indices = C.read_native_images(loader, limit)
-    model = create_model(ck["arch"], ck["num_classes"], low_res_stem=ck.get("low_res_stem", True))
-    model.load_state_dict(ck["model"])
     metrics = C.evaluate_corruptions(
         model.to(device), images, labels, indices, resolution=ck["student_resolution"],
         mean=store.mean, std=store.std, device=device, autocast=_autocast_for(cfg, device),
