@@ -13,8 +13,11 @@ Each variant runs in a fresh subprocess, so its peak memory (process + worker
 processes, see :class:`benchmarks.common.PeakRSS`) is its own and a crash or
 a missing library is reported as ``"error"`` instead of dropping the variant.
 Throughput is images/sec over whole epochs, after ``--warmup`` epochs (JIT
-compilation, worker start-up, page cache): the median of ``--repeats`` epochs
-(times ``--rounds`` interleaved rounds).
+compilation, worker start-up, page cache): the median of ``--repeats`` timed
+windows (times ``--rounds`` interleaved rounds), each window as many whole
+epochs as fill ``--min-seconds`` (a fast loader finishes a small dataset's
+epoch in ~20 ms, where one scheduler hiccup moves a single-epoch figure by
+tens of percent; per-epoch start-up stays inside the timing).
 """
 from __future__ import annotations
 
@@ -83,7 +86,7 @@ def describe_source(manifest: dict, backend: str, lowres: bool) -> str:
 
 
 def run_variant(name: str, store: str, resolution: int, batch_size: int, workers: int,
-                warmup: int, repeats: int) -> dict:
+                warmup: int, repeats: int, min_seconds: float) -> dict:
     """Measure one variant in this process (called in the child)."""
     import torch
 
@@ -94,35 +97,48 @@ def run_variant(name: str, store: str, resolution: int, batch_size: int, workers
                        shuffle=True, seed=0, drop_last=True, student_resolution=resolution,
                        train=True, num_views=0, flip=True, **overrides)
     sync = torch.cuda.synchronize if cfg.resolve_device().type == "cuda" else (lambda: None)
-    seconds, images = [], 0
+    windows, epoch, per_epoch = [], 0, 0
+
+    def run_epoch(loader) -> int:
+        nonlocal epoch
+        loader.set_epoch(epoch)
+        epoch += 1
+        n = sum(len(batch) for batch in loader)
+        sync()
+        return n
+
     with PeakRSS() as mem:
         loader = create_loader(cfg)
         try:
-            for epoch in range(warmup + repeats):
-                loader.set_epoch(epoch)
+            for _ in range(warmup):
+                run_epoch(loader)
+            for _ in range(repeats):
                 t0, n = time.perf_counter(), 0
-                for batch in loader:
-                    n += len(batch)
-                sync()
-                if epoch >= warmup:
-                    seconds.append(time.perf_counter() - t0)
-                    images = n
+                while True:
+                    per_epoch = run_epoch(loader)
+                    n += per_epoch
+                    if per_epoch == 0 or time.perf_counter() - t0 >= min_seconds:
+                        break
+                windows.append((time.perf_counter() - t0, n))
         finally:
             loader.close()
     source = describe_source(loader.store.manifest, backend, cfg.lowres)
-    if images == 0:
+    if per_epoch == 0:
         raise RuntimeError(f"{name}: an epoch yielded no images (batch size > dataset?)")
-    ips = summarize([images / s for s in seconds])
+    rates = [n / s for s, n in windows]
+    ips = summarize(rates)
     return {"images_per_sec": ips["median"], "images_per_sec_spread": ips["spread"],
-            "epoch_seconds": seconds, "images_per_epoch": images, "peak_rss_mb": mem.peak_mb,
-            "source": source, "backend": backend, "device": str(cfg.resolve_device())}
+            "window_rates": rates, "window_seconds": [s for s, _ in windows],
+            "images_per_epoch": per_epoch, "epochs_timed": epoch - warmup,
+            "peak_rss_mb": mem.peak_mb, "source": source, "backend": backend,
+            "device": str(cfg.resolve_device())}
 
 
 def measure_in_subprocess(name: str, args, store: Path) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.loaders", "--_variant", name, "--data", str(store),
            "--resolution", str(args.resolution), "--batch-size", str(args.batch_size),
            "--workers", str(args.workers), "--warmup", str(args.warmup),
-           "--repeats", str(args.repeats)]
+           "--repeats", str(args.repeats), "--min-seconds", str(args.min_seconds)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -140,10 +156,10 @@ def combine_rounds(runs: list[dict]) -> dict:
     errors = [r for r in runs if "error" in r]
     if errors:
         return errors[0]
-    rates = [r["images_per_epoch"] / s for r in runs for s in r["epoch_seconds"]]
+    rates = [x for r in runs for x in r["window_rates"]]
     ips = summarize(rates)
     return {**runs[0], "images_per_sec": ips["median"], "images_per_sec_spread": ips["spread"],
-            "epoch_seconds": [s for r in runs for s in r["epoch_seconds"]],
+            "window_rates": rates, "window_seconds": [s for r in runs for s in r["window_seconds"]],
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "rounds": len(runs)}
 
 
@@ -158,7 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                     help="loader workers/threads (default: usable cores)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed epochs first")
-    ap.add_argument("--repeats", "--epochs", type=int, default=3, help="timed epochs")
+    ap.add_argument("--repeats", type=int, default=3, help="timed windows")
+    ap.add_argument("--min-seconds", type=float, default=2.0,
+                    help="each timed window runs whole epochs until this long")
     ap.add_argument("--rounds", type=int, default=1,
                     help="run all variants this many times, interleaved (a fresh process each "
                          "time), so load from other work on a shared machine hits all alike")
@@ -173,7 +191,7 @@ def main(argv=None) -> int:
 
     if args._variant:
         res = run_variant(args._variant, str(args.data), args.resolution, args.batch_size,
-                          args.workers, args.warmup, args.repeats)
+                          args.workers, args.warmup, args.repeats, args.min_seconds)
         print(json.dumps(res))
         return 0
 
@@ -195,7 +213,8 @@ def main(argv=None) -> int:
     report = {"results": results, "machine": machine,
               "settings": {"store": str(store), "resolution": args.resolution,
                            "batch_size": args.batch_size, "workers": args.workers,
-                           "warmup_epochs": args.warmup, "timed_epochs": args.repeats,
+                           "warmup_epochs": args.warmup, "timed_windows": args.repeats,
+                           "min_seconds_per_window": args.min_seconds,
                            "rounds": args.rounds}}
     if args.json:
         print(json.dumps(report, indent=1))

@@ -54,7 +54,7 @@ def loaders_figures(rep: dict) -> dict:
     for name, r in results.items():
         if "images_per_sec" not in r:
             continue
-        rates = [r["images_per_epoch"] / s for s in r["epoch_seconds"]]
+        rates = r["window_rates"]
         mem = r.get("peak_rss_mb")
         out[f"{name}.images_per_sec"] = figure(r["images_per_sec"], min(rates), max(rates), len(rates),
                                                "images/s", True, "absolute", mem)
@@ -157,7 +157,7 @@ def suite_command(name: str, quick: bool, threads: int | None, data: Path, scrat
             src = _link_cifar_subset(data, scratch / "loaders_src" / "train", 2000)
             return py + ["--data", str(src), "--cache-dir", str(scratch / "loaders_stores"),
                          "--resolution", "32", "--batch-size", "128", "--warmup", "1",
-                         "--repeats", "2", "--timeout", "300", "--json"]
+                         "--repeats", "2", "--min-seconds", "1", "--timeout", "300", "--json"]
         return py + ["--data", str(data / "cifar100" / "train"), "--resolution", "32",
                      "--rounds", "2", "--json"]
     if name == "convert":

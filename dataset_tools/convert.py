@@ -124,7 +124,11 @@ def _parallel_map(fn, items: list, workers: int, chunksize: int,
     if workers <= 1:
         yield from map(fn, items)
         return
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    # Not "fork": a process that already ran OpenCV (or any thread pool) would
+    # hand its workers locks held by threads that do not exist in the child;
+    # cv2.setNumThreads in worker_init then hangs forever. A fork server is a
+    # clean, single-threaded process started once.
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     gate, stop = threading.Semaphore(max(chunksize * workers * 4, chunksize)), threading.Event()
 
     def feed() -> Iterator:  # runs in the pool's task-handler thread

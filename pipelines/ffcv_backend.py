@@ -2,7 +2,7 @@
 
 Reading and decoding are FFCV's: memory-mapped ``.beton`` (OS page cache), a
 compiled numba decode loop over the batch (``num_workers`` threads), JPEG
-decode by libturbojpeg on the CPU, OpenCV ``INTER_AREA`` resize. The crop of
+decode by libturbojpeg on the CPU, ``INTER_AREA`` resize. The crop of
 every sample comes from :mod:`pipelines.views` inside that loop
 (:class:`~pipelines.ffcv_ops.ViewCropDecoder`), so boxes are replayable and
 identical to the other backends' boxes.
@@ -31,7 +31,7 @@ imagenette this saves little decode time (entropy decoding dominates) but
 shrinks the crop to resize: ~260 vs ~390 us of CPU per image. Raw samples are
 read in place. The low-res store (``lowres=True``: raw pixels, shorter side
 sized so every crop still has the student resolution) is the fast path: no
-decode, a small resize (~25 us of CPU per image, mostly ``INTER_AREA``).
+decode, a small resize (~8 us of CPU per image, everything included).
 
 Order and sharding follow ``torch.utils.data.DistributedSampler`` (which is
 what FFCV's ``distributed=True`` uses): the permutation is seeded by
@@ -52,8 +52,11 @@ this object, its buffers are allocated once, and the epoch thread is always
 stopped and joined (end of epoch, early break, next ``__iter__``, ``close``).
 FFCV sets torch's and numba's thread count to ``num_workers``.
 
-Speed on CPU: normalization is a per-channel lookup table with the same
-float32 values as ``finish_batch`` (bit-identical, tested), ~1 us per image;
+Speed on CPU: the decode kernel also normalizes (a per-channel lookup table
+with the same float32 values as ``finish_batch``: bit-identical, tested) and
+flips while writing each view into a new float32 batch array, so the training
+thread gets finished tensors; the resize is a numba ``INTER_AREA``
+(:mod:`pipelines.area_resize`, ~3x faster than OpenCV's call on small crops);
 labels and indices come from the file's metadata in Python rather than from
 compiled FFCV pipelines; the decode kernel is numba-compiled once and cached
 on disk, so a new loader costs ~1 s of compilation instead of ~10 s.
@@ -80,7 +83,7 @@ from ffcv.transforms import ToDevice, ToTensor
 from dataset_tools.store import MANIFEST_NAME, StoreError
 from pipelines.batch import Batch
 from pipelines.ffcv_ops import (T_INDEX, T_STATUS, T_VIEW, EpochCell, ViewCropDecoder,
-                                normalize_lut, split_packed)
+                                split_normalized, split_packed)
 from pipelines.loader import BaseLoader, LoaderConfig
 from pipelines.views import epoch_view_ids
 
@@ -212,12 +215,15 @@ class FFCVLoader(BaseLoader):
 
     ``os_cache``: ``None`` = OS page cache when the file fits in half the
     available RAM, else FFCV's process cache. ``batches_ahead``: batches
-    decoded in advance by the epoch thread.
+    decoded in advance by the epoch thread. ``normalize_in_decoder``: the
+    decode kernel writes normalized float views (default on CPU); otherwise it
+    writes uint8 and normalization follows on the training device (default
+    on CUDA: a 4x smaller host->device copy).
     """
 
     def __init__(self, cfg: LoaderConfig, rank: Optional[int] = None,
                  world_size: Optional[int] = None, *, os_cache: Optional[bool] = None,
-                 batches_ahead: int = 3):
+                 batches_ahead: int = 3, normalize_in_decoder: Optional[bool] = None):
         super().__init__(cfg, rank, world_size)
         if cfg.lowres and not self.store.has("ffcv_lowres"):
             raise StoreError(f"{self.store.root}: lowres=True but this store has no low-res "
@@ -230,9 +236,12 @@ class FFCVLoader(BaseLoader):
             raise ValueError(f"resolutions must be positive, got student={self.student_res}, "
                              f"teacher={self.teacher_res}")
         self._epoch_cell = EpochCell()
-        # Normalization table for the CPU path, computed exactly as _normalize does.
-        levels = torch.arange(256, dtype=torch.float32).view(1, 1, 1, 256).to(self.device)
-        self._lut = ((levels - self._mean) / self._std).view(3, 256).cpu().numpy()
+        if normalize_in_decoder is None:
+            normalize_in_decoder = self.device.type == "cpu"
+        self._lut = None
+        if normalize_in_decoder:  # a table computed exactly as _normalize computes
+            levels = torch.arange(256, dtype=torch.float32).view(1, 1, 1, 256).to(self.device)
+            self._lut = ((levels - self._mean) / self._std).view(3, 256).cpu().numpy()
         self._active: Optional[_EpochThread] = None
         self._loader = self._build(os_cache, batches_ahead)
 
@@ -248,9 +257,13 @@ class FFCVLoader(BaseLoader):
             order = _ShardedOrder(self.rank, self.world_size, cfg.shuffle, cfg.seed)
         view_id = cfg.fixed_view if cfg.fixed_view is not None else (-1 if cfg.train else 0)
         decoder = ViewCropDecoder(self.student_res, self.teacher_res, self.views, view_id,
-                                  self._epoch_cell, cfg.reduced_decode and not cfg.lowres)
+                                  self._epoch_cell, cfg.reduced_decode and not cfg.lowres,
+                                  lut=self._lut, chw=not cfg.channels_last)
         image_ops = [decoder, ToTensor()]
         if self.device.type == "cuda":
+            if self._lut is not None:
+                raise ValueError("normalize_in_decoder=True is for CPU training; on CUDA the "
+                                 "uint8 views are copied and normalized on the device")
             image_ops.append(ToDevice(self.device, non_blocking=True))
         # Labels and indices are read from the file's metadata in Python (see
         # __iter__): no compiled pipelines for them, which saves ~1 s per Loader.
@@ -315,26 +328,19 @@ class FFCVLoader(BaseLoader):
                   epoch: int) -> Batch:
         idx, lab = idx.astype(np.int64), labels.astype(np.int64)
         vids = self._view_ids(idx, epoch)
-        student, teacher, trailer = split_packed(packed, self.student_res, self.teacher_res)
-        if packed.device.type == "cpu":  # on CUDA, reading the trailer would sync
-            self._check_trailer(trailer().numpy(), idx, vids)
-            student = self._normalize_cpu(student)
-            teacher = None if teacher is None else self._normalize_cpu(teacher)
-        return self.finish_batch(student, lab, idx, vids, teacher)
-
-    def _normalize_cpu(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 NHWC -> the float32 values ``_normalize`` would give, by table."""
-        n, h, w, _ = images.shape
-        if self.cfg.channels_last:
-            out = torch.empty((n, h, w, 3), dtype=torch.float32).permute(0, 3, 1, 2)
+        if self._lut is not None:  # normalized by the decoder, a new array per batch
+            student, teacher, trailer = split_normalized(
+                packed, len(idx), self.student_res, self.teacher_res, not self.cfg.channels_last)
+            self._check_trailer(trailer.numpy(), idx, vids)
         else:
-            out = torch.empty((n, 3, h, w), dtype=torch.float32)
-        normalize_lut(images.numpy(), self._lut, out.numpy())
-        return out
+            student, teacher, trailer = split_packed(packed, self.student_res, self.teacher_res)
+            if packed.device.type == "cpu":  # on CUDA, reading the trailer would sync
+                self._check_trailer(trailer().numpy(), idx, vids)
+        return self.finish_batch(student, lab, idx, vids, teacher)
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         if images.is_floating_point() and images.device == self.device:
-            return images  # already normalized by _normalize_cpu, in the configured format
+            return images  # normalized by the decoder, in the configured format
         return super()._normalize(images)
 
     def _check_trailer(self, trailer: np.ndarray, idx: np.ndarray, vids: np.ndarray) -> None:

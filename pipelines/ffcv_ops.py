@@ -35,6 +35,7 @@ from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.state import State
 
+from pipelines.area_resize import area_resize_crop, can_area_resize
 from pipelines.views import ViewConfig, box_to_pixels, epoch_view_id, view_box
 
 # Trailer fields (int64 each).
@@ -100,8 +101,14 @@ RECORD_LEN = 5
 
 @numba.njit(nogil=True, cache=True)
 def _resize_crop(image, top, left, ch, cw, out):
-    _resize(0, image.ctypes.data, image.shape[0], image.shape[1], top, top + ch, left, left + cw,
-            out.ctypes.data, out.shape[0], out.shape[1])
+    """INTER_AREA resize of a crop: the numba filter when downscaling (~3x
+    faster than a cv::resize call on small crops, see pipelines.area_resize),
+    FFCV's OpenCV call when an axis upscales (e.g. a teacher view)."""
+    if can_area_resize(ch, cw, out.shape[0], out.shape[1]):
+        area_resize_crop(image, top, left, ch, cw, out)
+    else:
+        _resize(0, image.ctypes.data, image.shape[0], image.shape[1], top, top + ch, left,
+                left + cw, out.ctypes.data, out.shape[0], out.shape[1])
 
 
 @numba.njit(nogil=True, cache=True)
@@ -115,46 +122,72 @@ def _hflip_inplace(img):
                 img[y, w - 1 - x, c] = tmp
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _sample_view(source_ix, rec, temp, epoch, seed, scale_lo, scale_hi, log_ratio_lo,
+                 log_ratio_hi, allow_flip, num_views, fixed_view, need, reduced, trailer):
+    """Decode one sample (``rec`` locates its bytes; JPEGs go to ``temp``) and
+    compute its view's pixel box. Records what it did in ``trailer`` (int64
+    ``[TRAILER_LEN]``) and returns ``(image, top, left, crop_h, crop_w, flip)``.
+
+    Inlined into both kernels: as an ordinary dispatcher shared by two cached
+    parallel kernels, numba 0.68 failed to type the second kernel's call
+    (KeyError in ``nopython_signatures``) when both compiled in one process."""
+    data = numba.carray(_voidptr(rec[R_ADDR]), (rec[R_SIZE],), np.uint8)
+    height, width = rec[R_HEIGHT], rec[R_WIDTH]
+    vid = fixed_view
+    if vid < 0:
+        vid = epoch_view_id(seed, num_views, epoch, source_ix)
+    y0, x0, bh, bw, flip = view_box(seed, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi,
+                                    allow_flip, source_ix, vid)
+    status = 0
+    dec_h, dec_w = height, width
+    if rec[R_MODE] == _JPG:
+        denom = 1
+        if reduced:
+            _, _, ch, cw = box_to_pixels(y0, x0, bh, bw, height, width)
+            for d in _DCT_DENOMS:
+                if ch >= _DRAFT_KEEP * d * need and cw >= _DRAFT_KEEP * d * need:
+                    denom = d
+                    break
+        dec_h = (height + denom - 1) // denom  # TJSCALED: what libturbojpeg outputs
+        dec_w = (width + denom - 1) // denom
+        buf = temp[:3 * dec_h * dec_w]
+        status = _imdecode(data.ctypes.data, data.size, height, width, buf.ctypes.data,
+                           height, width, 0, 0, 1, denom, 0, 0)
+        image = buf.reshape(dec_h, dec_w, 3)
+    else:
+        image = data.reshape(height, width, 3)
+    top, left, ch, cw = box_to_pixels(y0, x0, bh, bw, dec_h, dec_w)
+    trailer[T_INDEX] = source_ix
+    trailer[T_VIEW] = vid
+    trailer[T_TOP] = top
+    trailer[T_LEFT] = left
+    trailer[T_CROP_H] = ch
+    trailer[T_CROP_W] = cw
+    trailer[T_DEC_H] = dec_h
+    trailer[T_DEC_W] = dec_w
+    trailer[T_FLIP] = flip
+    trailer[T_STATUS] = status
+    return image, top, left, ch, cw, flip
+
+
 @numba.njit(nogil=True, cache=True, parallel=True)
 def decode_views(batch_indices, records, destination, temp_storage, epoch, seed, scale_lo,
                  scale_hi, log_ratio_lo, log_ratio_hi, allow_flip, num_views, fixed_view,
                  student, teacher, reduced):
-    """Decode, crop by the view contract, resize and flip a batch (see
-    :class:`ViewCropDecoder`); ``records[i]`` locates sample i's bytes."""
+    """Decode, crop by the view contract, resize and flip a batch into uint8
+    packed rows (see :class:`ViewCropDecoder`); ``records[i]`` locates sample
+    i's bytes."""
     S, T = student, teacher
     s_bytes, t_bytes = S * S * 3, T * T * 3
     off = (s_bytes + t_bytes + 7) // 8 * 8
     need = max(S, T)
     for i in numba.prange(batch_indices.shape[0]):
-        source_ix = batch_indices[i]
-        rec = records[i]
-        data = numba.carray(_voidptr(rec[R_ADDR]), (rec[R_SIZE],), np.uint8)
-        height, width = rec[R_HEIGHT], rec[R_WIDTH]
-        vid = fixed_view
-        if vid < 0:
-            vid = epoch_view_id(seed, num_views, epoch, source_ix)
-        y0, x0, bh, bw, flip = view_box(seed, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi,
-                                        allow_flip, source_ix, vid)
-        status = 0
-        dec_h, dec_w = height, width
-        if rec[R_MODE] == _JPG:
-            denom = 1
-            if reduced:
-                _, _, ch, cw = box_to_pixels(y0, x0, bh, bw, height, width)
-                for d in _DCT_DENOMS:
-                    if ch >= _DRAFT_KEEP * d * need and cw >= _DRAFT_KEEP * d * need:
-                        denom = d
-                        break
-            dec_h = (height + denom - 1) // denom  # TJSCALED: what libturbojpeg outputs
-            dec_w = (width + denom - 1) // denom
-            buf = temp_storage[i][:3 * dec_h * dec_w]
-            status = _imdecode(data.ctypes.data, data.size, height, width, buf.ctypes.data,
-                               height, width, 0, 0, 1, denom, 0, 0)
-            image = buf.reshape(dec_h, dec_w, 3)
-        else:
-            image = data.reshape(height, width, 3)
-        top, left, ch, cw = box_to_pixels(y0, x0, bh, bw, dec_h, dec_w)
         row = destination[i]
+        image, top, left, ch, cw, flip = _sample_view(
+            batch_indices[i], records[i], temp_storage[i], epoch, seed, scale_lo, scale_hi,
+            log_ratio_lo, log_ratio_hi, allow_flip, num_views, fixed_view, need, reduced,
+            row[off:off + 8 * TRAILER_LEN].view(np.int64))
         out_s = row[:s_bytes].reshape(S, S, 3)
         _resize_crop(image, top, left, ch, cw, out_s)
         if flip:
@@ -164,43 +197,94 @@ def decode_views(batch_indices, records, destination, temp_storage, epoch, seed,
             _resize_crop(image, top, left, ch, cw, out_t)
             if flip:
                 _hflip_inplace(out_t)
-        tr = row[off:off + 8 * TRAILER_LEN].view(np.int64)
-        tr[T_INDEX] = source_ix
-        tr[T_VIEW] = vid
-        tr[T_TOP] = top
-        tr[T_LEFT] = left
-        tr[T_CROP_H] = ch
-        tr[T_CROP_W] = cw
-        tr[T_DEC_H] = dec_h
-        tr[T_DEC_W] = dec_w
-        tr[T_FLIP] = flip
-        tr[T_STATUS] = status
+
+
+@numba.njit(nogil=True, cache=True)
+def _normalize_into(view, flip, lut, out, chw):
+    """uint8 HWC ``view`` -> ``out`` (flat float32), ``lut[c, level]`` per
+    value, mirrored when ``flip``; CHW order, or HWC when not ``chw``. Loops
+    run in the order of ``out`` (contiguous writes)."""
+    h, w = view.shape[0], view.shape[1]
+    last = w - 1
+    if chw:
+        for c in range(3):
+            table = lut[c]
+            for y in range(h):
+                src = view[y]
+                dst = out[(c * h + y) * w:(c * h + y + 1) * w]
+                if flip:
+                    for x in range(w):
+                        dst[x] = table[src[last - x, c]]
+                else:
+                    for x in range(w):
+                        dst[x] = table[src[x, c]]
+    else:
+        for y in range(h):
+            src = view[y]
+            for x in range(w):
+                sx = last - x if flip else x
+                p = (y * w + x) * 3
+                for c in range(3):
+                    out[p + c] = lut[c, src[sx, c]]
+
+
+def normalized_layout(batch: int, student: int, teacher: int) -> tuple[int, int, int]:
+    """Float32 element offsets of the teacher block, the trailer block and the
+    total size of a :func:`decode_views_normalized` result."""
+    t_start = batch * student * student * 3
+    tr_start = -(-(t_start + batch * teacher * teacher * 3) // 2) * 2  # int64-aligned
+    return t_start, tr_start, tr_start + 2 * TRAILER_LEN * batch
 
 
 @numba.njit(nogil=True, cache=True, parallel=True)
-def normalize_lut(images, lut, out):
-    """``out[b, c, y, x] = lut[c, images[b, y, x, c]]`` for uint8 NHWC
-    ``images`` and any-strided float32 ``out`` (NCHW or channels_last).
-
-    A 256-entry table per channel built with the same float32 operations as
-    ``BaseLoader._normalize`` gives bit-identical values several times faster
-    than torch's elementwise ops on strided CPU tensors. (FFCV's
-    ``NormalizeImage`` builds its table in float64, one ulp off, and needs cupy
-    on GPU.)"""
-    n, h, w, _ = images.shape
-    for b in numba.prange(n):
-        for c in range(3):
-            for y in range(h):
-                for x in range(w):
-                    out[b, c, y, x] = lut[c, images[b, y, x, c]]
+def decode_views_normalized(batch_indices, records, temp_storage, epoch, seed, scale_lo,
+                            scale_hi, log_ratio_lo, log_ratio_hi, allow_flip, num_views,
+                            fixed_view, student, teacher, reduced, lut, chw):
+    """As :func:`decode_views`, but the views leave the kernel normalized
+    (``lut``, see :class:`ViewCropDecoder`) in a *new* flat float32 array:
+    ``[B students | B teachers | B trailers]`` (:func:`normalized_layout`),
+    so the batch owns its memory and needs no further pass."""
+    S, T = student, teacher
+    s_len, t_len = S * S * 3, T * T * 3
+    n = batch_indices.shape[0]
+    t_start = n * s_len
+    tr_start = (t_start + n * t_len + 1) // 2 * 2
+    out = np.empty(tr_start + 2 * TRAILER_LEN * n, np.float32)
+    trailers = out[tr_start:].view(np.int64)
+    scratch_at = temp_storage.shape[1] - s_len - t_len  # after the decode buffer
+    need = max(S, T)
+    for i in numba.prange(n):
+        temp = temp_storage[i]
+        image, top, left, ch, cw, flip = _sample_view(
+            batch_indices[i], records[i], temp, epoch, seed, scale_lo, scale_hi, log_ratio_lo,
+            log_ratio_hi, allow_flip, num_views, fixed_view, need, reduced,
+            trailers[i * TRAILER_LEN:(i + 1) * TRAILER_LEN])
+        view_s = temp[scratch_at:scratch_at + s_len].reshape(S, S, 3)
+        _resize_crop(image, top, left, ch, cw, view_s)
+        _normalize_into(view_s, flip, lut, out[i * s_len:(i + 1) * s_len], chw)
+        if T > 0:
+            view_t = temp[scratch_at + s_len:scratch_at + s_len + t_len].reshape(T, T, 3)
+            _resize_crop(image, top, left, ch, cw, view_t)
+            _normalize_into(view_t, flip, lut, out[t_start + i * t_len:t_start + (i + 1) * t_len],
+                            chw)
+    return out
 
 
 class ViewCropDecoder(ResizedCropRGBImageDecoder):
-    """Crop by the view contract, resize (INTER_AREA), flip; packed output.
+    """Crop by the view contract, resize (INTER_AREA), flip.
 
     ``view_id >= 0`` fixes the view of every sample (0 = whole image, eval);
     ``view_id < 0`` selects ``epoch_view_id(seed, num_views, epoch, index)``
     with ``epoch`` read from ``epoch_cell`` at decode time.
+
+    Output: with ``lut=None``, uint8 packed rows (:func:`split_packed`; the
+    loader normalizes on the device after one copy). With a normalization
+    table ``lut`` (float32 ``[3, 256]``, ``lut[c, v] = (v - mean_c) / std_c``
+    computed as the loader's ``_normalize`` computes it, so the values are
+    bitwise the same), each batch is a new float32 array of normalized views,
+    CHW (or HWC when ``chw`` is False, for channels_last), written inside the
+    parallel decode loop (:func:`split_normalized`): on CPU this spares a
+    separate normalization pass on the training thread.
 
     ``reduced_decode``: JPEG samples whose crop is at least ``2 d`` times the
     largest output size (d in 8, 4, 2; the largest such d) are decoded by
@@ -210,39 +294,50 @@ class ViewCropDecoder(ResizedCropRGBImageDecoder):
 
     FFCV compiles :meth:`generate_code`'s function for every Loader; it only
     gathers where each sample's bytes are (``memory_read`` is specific to the
-    Loader's memory manager) and calls the disk-cached :func:`decode_views`,
-    which runs ``prange`` over the batch on FFCV's ``num_workers`` threads.
+    Loader's memory manager) and calls a disk-cached kernel
+    (:func:`decode_views` or :func:`decode_views_normalized`), which runs
+    ``prange`` over the batch on FFCV's ``num_workers`` threads.
     """
 
     def __init__(self, student: int, teacher: int, views: ViewConfig, view_id: int,
-                 epoch_cell: EpochCell, reduced_decode: bool):
+                 epoch_cell: EpochCell, reduced_decode: bool, lut: Optional[np.ndarray] = None,
+                 chw: bool = True):
         super().__init__((student, student))
         self.student, self.teacher = int(student), int(teacher)
         self.views, self.view_id = views, int(view_id)
         self.epoch_cell, self.reduced_decode = epoch_cell, bool(reduced_decode)
+        self.lut = None if lut is None else np.ascontiguousarray(lut, dtype=np.float32)
+        self.chw = bool(chw)
 
     def declare_state_and_memory(self, previous_state: State):
         meta = self.metadata
         any_jpg = bool((meta['mode'] == _JPG).any())
         # Raw samples are read in place from the file; only JPEGs need a buffer.
-        temp = int(meta['height'].max()) * int(meta['width'].max()) * 3 if any_jpg else 1
-        _, _, off = packed_layout(self.student, self.teacher)
-        row = (off + 8 * TRAILER_LEN,)
+        temp = int(meta['height'].max()) * int(meta['width'].max()) * 3 if any_jpg else 0
         u1 = np.dtype('<u1')
+        if self.lut is None:
+            _, _, off = packed_layout(self.student, self.teacher)
+            row = (off + 8 * TRAILER_LEN,)
+        else:  # the kernel returns its own array; scratch views follow the decode buffer
+            row = (1,)
+            temp += 3 * (self.student ** 2 + self.teacher ** 2)
         return (replace(previous_state, jit_mode=True, shape=row, dtype=u1),
-                (AllocationQuery(row, u1), AllocationQuery((temp,), u1),
+                (AllocationQuery(row, u1), AllocationQuery((max(temp, 1),), u1),
                  AllocationQuery((RECORD_LEN,), np.dtype('<i8'))))
 
     def generate_code(self) -> Callable:
         mem_read = self.memory_read
         seed, s_lo, s_hi, lr_lo, lr_hi, allow_flip = self.views.kernel_args()
+        # Flags as int64, not bool: numba types frozen Python bools as literals,
+        # compiling a kernel per value (and racing between loaders' threads).
+        allow_flip, reduced = np.int64(allow_flip), np.int64(self.reduced_decode)
         num_views, fixed_view = np.int64(self.views.num_views), np.int64(self.view_id)
         student, teacher = np.int64(self.student), np.int64(self.teacher)
-        reduced = self.reduced_decode
         epoch_addr = self.epoch_cell.address
+        normalized, chw = self.lut is not None, np.int64(self.chw)
+        lut = self.lut if normalized else np.zeros((3, 256), np.float32)
 
-        def decode(batch_indices, my_storage, metadata, storage_state):
-            destination, temp_storage, records = my_storage
+        def gather(batch_indices, records, metadata, storage_state):
             for i in range(len(batch_indices)):
                 field = metadata[batch_indices[i]]
                 data = mem_read(field['data_ptr'], storage_state)
@@ -251,17 +346,49 @@ class ViewCropDecoder(ResizedCropRGBImageDecoder):
                 records[i, R_MODE] = field['mode']
                 records[i, R_HEIGHT] = field['height']
                 records[i, R_WIDTH] = field['width']
-            epoch = numba.carray(_voidptr(epoch_addr), (1,), np.int64)[0]
+            return numba.carray(_voidptr(epoch_addr), (1,), np.int64)[0]
+
+        gather = numba.njit(nogil=True)(gather)
+
+        def decode_packed(batch_indices, my_storage, metadata, storage_state):
+            destination, temp_storage, records = my_storage
+            epoch = gather(batch_indices, records, metadata, storage_state)
             decode_views(batch_indices, records, destination, temp_storage, epoch, seed, s_lo,
                          s_hi, lr_lo, lr_hi, allow_flip, num_views, fixed_view, student,
                          teacher, reduced)
             return destination[:len(batch_indices)]
 
-        return decode
+        def decode_normalized(batch_indices, my_storage, metadata, storage_state):
+            _, temp_storage, records = my_storage
+            epoch = gather(batch_indices, records, metadata, storage_state)
+            out = decode_views_normalized(
+                batch_indices, records, temp_storage, epoch, seed, s_lo, s_hi, lr_lo, lr_hi,
+                allow_flip, num_views, fixed_view, student, teacher, reduced, lut, chw)
+            return out.reshape(1, out.shape[0])  # FFCV expects a batch axis
+
+        return decode_normalized if normalized else decode_packed
 
     @property
     def get_crop_generator(self):  # abstract in the parent; crops come from views.py
         return None
+
+
+def split_normalized(flat: torch.Tensor, batch: int, student: int, teacher: int, chw: bool
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """A :func:`decode_views_normalized` result -> (student ``[B, 3, S, S]``,
+    teacher or None, trailer ``[B, TRAILER_LEN]`` int64); the image tensors
+    are contiguous (channels_last when not ``chw``) views of ``flat``."""
+    flat = flat.view(-1)
+    t_start, tr_start, _ = normalized_layout(batch, student, teacher)
+
+    def images(part: torch.Tensor, size: int) -> torch.Tensor:
+        if chw:
+            return part.view(batch, 3, size, size)
+        return part.view(batch, size, size, 3).permute(0, 3, 1, 2)
+
+    s = images(flat[:t_start], student)
+    t = images(flat[t_start:t_start + batch * teacher * teacher * 3], teacher) if teacher else None
+    return s, t, flat[tr_start:].view(torch.int64).view(batch, TRAILER_LEN)
 
 
 def split_packed(packed: torch.Tensor, student: int, teacher: int

@@ -134,9 +134,9 @@ def test_bad_inputs_are_clear_errors(tmp_path, capsys):
 def test_suite_figures_from_reports():
     """Hand-made suite reports -> figures (hand-computed ratios and spreads)."""
     loaders = {"results": {
-        "reference": {"images_per_sec": 100.0, "epoch_seconds": [10.0, 12.5], "images_per_epoch": 1000,
+        "reference": {"images_per_sec": 100.0, "window_rates": [100.0, 80.0], "images_per_epoch": 1000,
                       "peak_rss_mb": 50.0},
-        "ffcv": {"images_per_sec": 400.0, "epoch_seconds": [2.0, 2.5], "images_per_epoch": 1000,
+        "ffcv": {"images_per_sec": 400.0, "window_rates": [500.0, 400.0], "images_per_epoch": 1000,
                  "peak_rss_mb": 70.0},
         "dali": {"error": "exit 1: no DALI"}}}
     f = suite.loaders_figures(loaders)

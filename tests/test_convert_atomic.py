@@ -161,3 +161,19 @@ def test_stale_staging_cleaned_live_one_kept(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.timeout(180)
+def test_workers_start_clean_after_opencv_threads_ran(cifar_subset, tmp_path):
+    """A caller that already used OpenCV's thread pool (a notebook, a test
+    session) must not hang the workers: with fork they inherited the pool's
+    locks, and worker_init's cv2.setNumThreads waited on them forever."""
+    import cv2
+    import numpy as np
+
+    cv2.setNumThreads(2)
+    big = np.random.default_rng(0).integers(0, 256, (2000, 2000, 3), dtype=np.uint8)
+    cv2.GaussianBlur(big, (31, 31), 5)  # runs on the pool's threads
+    out = tmp_path / "store"
+    convert(cifar_subset, out, ConvertOptions(workers=2, **OPTS), progress=False)
+    verify_store(out)  # raises on any problem

@@ -2,8 +2,8 @@
 
 Oracles: the ORIGINAL source files through torchvision's ImageFolder, decoded
 by PIL; crops cut with :func:`pipelines.views.box_to_pixels` and resized by
-Python OpenCV (``INTER_AREA``, the kernel FFCV's C++ calls: must match
-exactly) and by torchvision's antialiased bilinear ``resized_crop`` (what the
+Python OpenCV (``INTER_AREA``, the filter the decoder implements in numba:
+within one level, see :func:`assert_area_equal`) and by torchvision's antialiased bilinear ``resized_crop`` (what the
 reference backend does: must match within a stated tolerance). Orders come
 from ``torch.utils.data.DistributedSampler``; view ids and boxes from
 :mod:`pipelines.views`. Stores are built with dataset_tools/convert.py.
@@ -115,6 +115,15 @@ def cv2_view(img: np.ndarray, box, flip: bool, size: int) -> np.ndarray:
     return out[:, ::-1] if flip else out
 
 
+def assert_area_equal(got: np.ndarray, want: np.ndarray) -> None:
+    """The decoder's numba INTER_AREA (pipelines.area_resize) against OpenCV's:
+    the same filter summed in another float order and rounded half up instead
+    of half to even, so a value may differ by one level, rarely (0.1% of
+    values on random crops; bound here at 1%)."""
+    d = np.abs(got.astype(np.int16) - want.astype(np.int16))
+    assert d.max() <= 1 and (d > 0).mean() <= 0.01, (d.max(), (d > 0).mean())
+
+
 def torchvision_view(img: np.ndarray, box, flip: bool, size: int) -> np.ndarray:
     top, left, ch, cw = box_to_pixels(*[float(v) for v in box], img.shape[0], img.shape[1])
     out = TF.resized_crop(torch.from_numpy(img).permute(2, 0, 1), top, left, ch, cw,
@@ -158,8 +167,8 @@ def test_crops_match_source_oracles(raw_store, sources, trailers):
         assert views.shape == (N, size, size, 3)
         diffs = []
         for k, i in enumerate(idx):
-            # Same pixels, same box, same kernel: exact.
-            np.testing.assert_array_equal(views[k], cv2_view(images[i], boxes[k], flips[k], size))
+            # Same pixels, same box, same filter: equal to rounding.
+            assert_area_equal(views[k], cv2_view(images[i], boxes[k], flips[k], size))
             diffs.append(np.abs(views[k].astype(int) - torchvision_view(images[i], boxes[k],
                                                                         flips[k], size)))
         diffs = np.stack(diffs)
@@ -168,17 +177,28 @@ def test_crops_match_source_oracles(raw_store, sources, trailers):
             (size, diffs.mean(), np.percentile(diffs, 99))
 
 
-def test_cpu_normalization_is_finish_batch_normalization(raw_store):
-    u8 = torch.randint(0, 256, (5, 8, 8, 3), dtype=torch.uint8)
-    u8[0, 0, 0] = torch.tensor([0, 128, 255], dtype=torch.uint8)
+def test_decoder_normalization_is_finish_batch_normalization(jpg_store):
+    """On CPU the kernel writes normalized, flipped views into a new array per
+    batch; the uint8 path (what CUDA uses) + BaseLoader._normalize must give
+    bitwise the same tensors, and kept batches must not be overwritten."""
     for channels_last in (False, True):
-        with FFCVLoader(cfg_for(raw_store, student_resolution=8,
-                                channels_last=channels_last)) as loader:
-            fast = loader._normalize_cpu(u8)
-            slow = BaseLoader._normalize(loader, u8)
-            assert torch.equal(fast, slow)
-            assert fast.is_contiguous(memory_format=torch.channels_last) == channels_last
-            assert loader._normalize(fast) is fast
+        cfg = cfg_for(jpg_store, teacher_resolution=48, channels_last=channels_last,
+                      reduced_decode=True)
+        epochs = {}
+        for fused in (True, False):
+            with FFCVLoader(cfg, normalize_in_decoder=fused) as loader:
+                loader.set_epoch(2)
+                epochs[fused] = list(loader)  # all kept: no buffer may be reused under them
+        assert len(epochs[True]) == len(epochs[False]) == 5
+        for fast, slow in zip(epochs[True], epochs[False]):
+            for name in ("student", "teacher"):
+                a, b = getattr(fast, name), getattr(slow, name)
+                assert a.dtype == torch.float32 and torch.equal(a, b), name
+                assert a.is_contiguous(memory_format=torch.channels_last) == channels_last
+                assert channels_last or a.is_contiguous()
+            assert torch.equal(fast.indices, slow.indices) and torch.equal(fast.boxes, slow.boxes)
+        student = epochs[True][0].student
+        assert student.shape == (16, 3, 32, 32) and epochs[True][0].teacher.shape[-1] == 48
 
 
 def test_replayed_views_and_epoch_order(raw_store, sources):
@@ -203,7 +223,7 @@ def test_replayed_views_and_epoch_order(raw_store, sources):
                     np.testing.assert_array_equal(got["boxes"][k], seen[(i, v)][0])
                     np.testing.assert_array_equal(got["student"][k], seen[(i, v)][1])
                 else:
-                    np.testing.assert_array_equal(
+                    assert_area_equal(
                         got["student"][k], cv2_view(images[i], got["boxes"][k], got["flips"][k], 16))
                     seen[(i, v)] = (got["boxes"][k], got["student"][k])
     assert repeats >= N  # 4 epochs over 3 views: every sample replays at least once
@@ -223,7 +243,7 @@ def test_eval_is_view_zero_and_fixed_view_is_fixed(raw_store, sources):
     assert (got["view_ids"] == 0).all() and not got["flips"].any()
     assert (got["boxes"] == np.array([0, 0, 1, 1], np.float32)).all()
     for i in range(N):
-        np.testing.assert_array_equal(got["student"][i], cv2.resize(images[i], (32, 32),
+        assert_area_equal(got["student"][i], cv2.resize(images[i], (32, 32),
                                                                     interpolation=cv2.INTER_AREA))
     with create_loader(cfg_for(raw_store, fixed_view=7, student_resolution=16)) as loader:
         a, b = epoch_arrays(loader, raw_store, 0), epoch_arrays(loader, raw_store, 3)
@@ -248,7 +268,7 @@ def test_lowres_store_path(raw_store, sources, trailers):
     assert (tr[:, T_DEC_H] == side).all() and (tr[:, T_DEC_W] == side).all()
     for i in range(N):  # exact against the converter's low-res rule + INTER_AREA
         small = resize_shorter(images[i], side)
-        np.testing.assert_array_equal(low["student"][i], cv2_view(small, low["boxes"][i],
+        assert_area_equal(low["student"][i], cv2_view(small, low["boxes"][i],
                                                                   low["flips"][i], 32))
     # vs the full-resolution path: the same view; pixels differ by the extra
     # downscale (PIL bilinear to 63 px) and the box rounded on 63 px instead of

@@ -1,0 +1,57 @@
+"""The numba INTER_AREA resize against OpenCV's (the independent oracle)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from pipelines.area_resize import area_resize_crop, can_area_resize
+
+
+def _cases(seed: int, count: int):
+    rng = np.random.default_rng(seed)
+    for t in range(count):
+        h, w = int(rng.integers(8, 300)), int(rng.integers(8, 300))
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        if t % 2:  # smooth content too: long runs of near-equal values, many .5 ties
+            img = cv2.GaussianBlur(img, (7, 7), 3)
+        oh, ow = int(rng.integers(1, min(h, 80) + 1)), int(rng.integers(1, min(w, 80) + 1))
+        ch, cw = int(rng.integers(oh, h + 1)), int(rng.integers(ow, w + 1))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        yield img, top, left, ch, cw, oh, ow
+
+
+def test_matches_opencv_inter_area_within_one_level():
+    """Random crops and sizes (non-integer and integer factors, 1x to ~300x):
+    the same filter, so at most one level apart (OpenCV sums in another
+    order and rounds half to even), and rarely."""
+    differing = total = 0
+    for img, top, left, ch, cw, oh, ow in _cases(0, 1500):
+        out = np.empty((oh, ow, 3), np.uint8)
+        area_resize_crop(img, top, left, ch, cw, out)
+        want = cv2.resize(img[top:top + ch, left:left + cw], (ow, oh),
+                          interpolation=cv2.INTER_AREA)
+        d = np.abs(out.astype(np.int16) - want.astype(np.int16))
+        assert d.max() <= 1, (img.shape, top, left, ch, cw, oh, ow)
+        differing += int((d > 0).sum())
+        total += d.size
+    assert differing / total < 0.005, differing / total
+
+
+def test_identity_and_exact_halving():
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    out = np.empty((40, 50, 3), np.uint8)
+    area_resize_crop(img, 0, 0, 40, 50, out)
+    np.testing.assert_array_equal(out, img)
+    # each output pixel averages a 2x2 block of equal values: exactly that value
+    blocks = np.repeat(np.repeat(img[:20, :25], 2, axis=0), 2, axis=1)
+    half = np.empty((20, 25, 3), np.uint8)
+    area_resize_crop(blocks, 0, 0, 40, 50, half)
+    np.testing.assert_array_equal(half, img[:20, :25])
+
+
+@pytest.mark.parametrize("crop,out,ok", [((32, 32), (32, 32), True), ((31, 64), (32, 32), False),
+                                         ((64, 31), (32, 32), False), ((100, 40), (32, 32), True)])
+def test_only_downscaling_is_handled(crop, out, ok):
+    assert can_area_resize(crop[0], crop[1], out[0], out[1]) == ok
