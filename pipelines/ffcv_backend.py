@@ -28,7 +28,7 @@ the IDCT. With ``reduced_decode``, a JPEG whose crop is >= 2d x the largest
 output (largest d of 8, 4, 2; the reference backend's rule) is decoded at 1/d
 and the same normalized box is rounded on that smaller image. On 224 px
 imagenette this saves little decode time (entropy decoding dominates) but
-shrinks the crop to resize: ~260 vs ~390 us of CPU per image. Raw samples are
+shrinks the crop to resize: ~220 vs ~260 us of CPU per image. Raw samples are
 read in place. The low-res store (``lowres=True``: raw pixels, shorter side
 sized so every crop still has the student resolution) is the fast path: no
 decode, a small resize (~8 us of CPU per image, everything included).
