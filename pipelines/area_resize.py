@@ -16,9 +16,10 @@ every source pixel by its overlap with that interval -- OpenCV's definition of
 (:func:`can_area_resize`); OpenCV's ``INTER_AREA`` upscales bilinearly, so
 callers use OpenCV for crops smaller than the output.
 
-Plain IEEE float32 (no ``fastmath``): area averages of integers often land
-exactly on .5, so any reassociation would round differently in different
-compiled callers; this way every kernel gives the same bytes. Numba's disk
+Plain float32 without ``fastmath`` (which gained only ~5 %): area averages of
+integers often land exactly on .5, where the last bit decides the level, and
+even so two separately compiled callers were seen to round a few such ties
+per epoch differently (within one level; tested). Numba's disk
 cache does not follow callees: after editing this file, delete the cached
 kernels of its callers (``pipelines/__pycache__/ffcv_ops*.nb*``).
 """

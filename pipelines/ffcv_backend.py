@@ -53,7 +53,8 @@ stopped and joined (end of epoch, early break, next ``__iter__``, ``close``).
 FFCV sets torch's and numba's thread count to ``num_workers``.
 
 Speed on CPU: the decode kernel also normalizes (a per-channel lookup table
-with the same float32 values as ``finish_batch``: bit-identical, tested) and
+with the same float32 values as ``finish_batch``; tested against the uint8
+path, equal but for rare one-level resize ties) and
 flips while writing each view into a new float32 batch array, so the training
 thread gets finished tensors; the resize is a numba ``INTER_AREA``
 (:mod:`pipelines.area_resize`, ~3x faster than OpenCV's call on small crops);

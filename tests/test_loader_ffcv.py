@@ -180,7 +180,12 @@ def test_crops_match_source_oracles(raw_store, sources, trailers):
 def test_decoder_normalization_is_finish_batch_normalization(jpg_store):
     """On CPU the kernel writes normalized, flipped views into a new array per
     batch; the uint8 path (what CUDA uses) + BaseLoader._normalize must give
-    bitwise the same tensors, and kept batches must not be overwritten."""
+    the same tensors, and kept batches must not be overwritten. The two paths
+    are separately compiled kernels: an area average landing exactly on .5
+    may round to the neighbouring level in one of them (seen: a few values
+    per epoch), so levels may differ by one, rarely; every other value is
+    bitwise equal (the table holds exactly what _normalize computes)."""
+    step = 1.0 / (torch.tensor(open_store(jpg_store).std) * 255)  # one level, per channel
     for channels_last in (False, True):
         cfg = cfg_for(jpg_store, teacher_resolution=48, channels_last=channels_last,
                       reduced_decode=True)
@@ -190,13 +195,18 @@ def test_decoder_normalization_is_finish_batch_normalization(jpg_store):
                 loader.set_epoch(2)
                 epochs[fused] = list(loader)  # all kept: no buffer may be reused under them
         assert len(epochs[True]) == len(epochs[False]) == 5
+        differing = total = 0
         for fast, slow in zip(epochs[True], epochs[False]):
             for name in ("student", "teacher"):
                 a, b = getattr(fast, name), getattr(slow, name)
-                assert a.dtype == torch.float32 and torch.equal(a, b), name
+                assert a.dtype == torch.float32 and a.shape == b.shape, name
+                d = (a - b).abs()
+                assert (d <= step.view(1, 3, 1, 1) * 1.001).all(), name
+                differing, total = differing + int((d > 0).sum()), total + d.numel()
                 assert a.is_contiguous(memory_format=torch.channels_last) == channels_last
                 assert channels_last or a.is_contiguous()
             assert torch.equal(fast.indices, slow.indices) and torch.equal(fast.boxes, slow.boxes)
+        assert differing <= 1e-3 * total, (differing, total)
         student = epochs[True][0].student
         assert student.shape == (16, 3, 32, 32) and epochs[True][0].teacher.shape[-1] == 48
 
