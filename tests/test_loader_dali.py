@@ -30,30 +30,25 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 from torchvision.datasets import ImageFolder
 
-from dataset_tools.convert import main as convert_main
-from dataset_tools.store import StoreError, open_store
+from dataset_tools.store import StoreError
 from pipelines.dali_backend import DALILoader, pixel_box_nodes
 from pipelines.loader import LoaderConfig, create_loader
 from pipelines.views import box_to_pixels, epoch_view_ids, view_params
 
+from loader_helpers import collect_epoch, convert_store, to_uint8
+
 N_PNG = 200  # conftest's CIFAR subset: 10 classes x 20 PNGs
-
-
-def convert(src, out):
-    rc = convert_main([str(src), str(out), "--split-name", "train", "--formats", "dali",
-                       "--workers", "1", "--no-progress"])
-    assert rc == 0
-    return out
 
 
 @pytest.fixture(scope="module")
 def jpeg_store(imagenette_subset, tmp_path_factory):
-    return convert(imagenette_subset, tmp_path_factory.mktemp("dali_jpeg") / "store")
+    return convert_store(imagenette_subset, tmp_path_factory.mktemp("dali_jpeg") / "store",
+                         "dali")
 
 
 @pytest.fixture(scope="module")
 def png_store(cifar_subset, tmp_path_factory):
-    return convert(cifar_subset, tmp_path_factory.mktemp("dali_png") / "store")
+    return convert_store(cifar_subset, tmp_path_factory.mktemp("dali_png") / "store", "dali")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +66,7 @@ def varsize(imagenette_subset, tmp_path_factory):
                 im.save(cls / f"{k:02d}.jpg", quality=90)
             else:
                 im.save(cls / f"{k:02d}.png")
-    return src, convert(src, tmp_path_factory.mktemp("dali_var") / "store")
+    return src, convert_store(src, tmp_path_factory.mktemp("dali_var") / "store", "dali")
 
 
 def cfg_for(store, **kw) -> LoaderConfig:
@@ -79,27 +74,6 @@ def cfg_for(store, **kw) -> LoaderConfig:
                 drop_last=False)
     base.update(kw)
     return LoaderConfig(**base)
-
-
-def run_epoch(loader, epoch=0, max_batches=None) -> dict:
-    loader.set_epoch(epoch)
-    out = {k: [] for k in ("student", "teacher", "labels", "indices", "boxes", "flips", "view_ids")}
-    for bi, b in enumerate(loader):
-        if max_batches is not None and bi >= max_batches:
-            break
-        for k in out:
-            if getattr(b, k) is not None:
-                out[k].append(getattr(b, k))
-    res = {k: torch.cat(v) for k, v in out.items() if v}
-    res["sizes"] = [len(x) for x in out["labels"]]
-    return res
-
-
-def to_uint8(x: torch.Tensor, store) -> torch.Tensor:
-    s = open_store(store)
-    mean = torch.tensor(s.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    std = torch.tensor(s.std, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    return (x * std + mean).round().clamp(0, 255).to(torch.uint8)
 
 
 def oracle_view(path, box, flip, size) -> torch.Tensor:
@@ -149,7 +123,7 @@ def test_views_match_torchvision(kind, jpeg_store, png_store, imagenette_subset,
         assert isinstance(loader, DALILoader)
         # one stored size: pixel boxes computed in Python (the other path: variable sizes)
         assert loader._source.image_size == ((224, 224) if kind == "jpeg" else (32, 32))
-        got = run_epoch(loader, epoch=1, max_batches=3)
+        got = collect_epoch(loader, epoch=1, max_batches=3)
     assert got["sizes"] == [16, 16, 16]
     assert 0 < int(got["flips"].sum()) < 48
     check_against_oracle(store, ImageFolder(str(src)), got, cfg, view_id=2)  # random: epoch + 1
@@ -160,7 +134,7 @@ def test_variable_image_sizes(varsize):
     cfg = cfg_for(store, batch_size=5, teacher_resolution=40, seed=1, shuffle=False)
     with create_loader(cfg) as loader:
         assert loader._source.image_size is None  # pixel boxes from each header, in the graph
-        got = run_epoch(loader, epoch=4)
+        got = collect_epoch(loader, epoch=4)
     assert got["sizes"] == [5, 5, 2]
     check_against_oracle(store, ImageFolder(str(src)), got, cfg, view_id=5)
 
@@ -229,11 +203,11 @@ def test_eval_and_fixed_views(jpeg_store, imagenette_subset):
     folder = ImageFolder(str(imagenette_subset))
     cfg = cfg_for(jpeg_store, train=False, student_resolution=24)
     with create_loader(cfg) as loader:
-        got = run_epoch(loader, epoch=7, max_batches=1)
+        got = collect_epoch(loader, epoch=7, max_batches=1)
     check_against_oracle(jpeg_store, folder, got, cfg, view_id=0)
     cfg = cfg_for(jpeg_store, fixed_view=3, num_views=4)
     with create_loader(cfg) as loader:
-        got = run_epoch(loader, epoch=2, max_batches=1)
+        got = collect_epoch(loader, epoch=2, max_batches=1)
     check_against_oracle(jpeg_store, folder, got, cfg, view_id=3)
 
 
@@ -242,7 +216,7 @@ def test_replayed_views_identical_across_epochs(jpeg_store):
     seen, vid_by_epoch = {}, []
     with create_loader(cfg) as loader:
         for epoch in (0, 1, 2, 3):
-            got = run_epoch(loader, epoch)
+            got = collect_epoch(loader, epoch)
             idx = got["indices"].numpy()
             assert torch.equal(got["view_ids"],
                                torch.from_numpy(epoch_view_ids(cfg.view_config(), idx, epoch)))
@@ -273,7 +247,7 @@ def test_teacher_and_student_share_the_crop(jpeg_store):
 def test_epoch_order_reproducible_changing_and_covering(png_store):
     def order(epoch, **kw):
         with create_loader(cfg_for(png_store, batch_size=64, **kw)) as loader:
-            got = run_epoch(loader, epoch)
+            got = collect_epoch(loader, epoch)
         return got["indices"].tolist(), got["sizes"], got["labels"]
 
     a, sizes, labels = order(0, seed=4)
@@ -298,7 +272,7 @@ def test_rank_sharding_each_sample_once_plus_padding(png_store):
         cfg = cfg_for(png_store, batch_size=32, seed=2, num_workers=0)  # 0 -> one DALI thread
         with DALILoader(cfg, rank=r, world_size=world) as ld:
             assert ld.samples_per_rank == per_rank
-            parts.append(run_epoch(ld, epoch=1)["indices"].numpy())
+            parts.append(collect_epoch(ld, epoch=1)["indices"].numpy())
     padded = np.stack(parts, axis=1).reshape(-1)
     assert sorted(padded[:n].tolist()) == list(range(n))
     assert padded[n:].tolist() == padded[: world * per_rank - n].tolist()
@@ -308,10 +282,10 @@ def test_early_break_leaves_no_stale_batches(png_store):
     cfg = cfg_for(png_store, batch_size=16, seed=9)
     with create_loader(cfg) as loader:
         for epoch in range(3):
-            run_epoch(loader, epoch, max_batches=1)  # abandon with batches prefetched
+            collect_epoch(loader, epoch, max_batches=1)  # abandon with batches prefetched
         it = iter(loader)
         next(it)
-        got = run_epoch(loader, 5)  # a new iteration while one is open closes the old one
+        got = collect_epoch(loader, 5)  # a new iteration while one is open closes the old one
         assert got["indices"].numpy().tolist() == loader.epoch_order().tolist()
         loader.set_epoch(5)
         assert sum(1 for _ in loader) == len(loader) == 13
@@ -425,7 +399,7 @@ def test_damaged_shards_name_the_sample(jpeg_store, tmp_path):
             f.write(bytes(64))
         for _ in range(2):  # and again: still the clear error
             with pytest.raises(StoreError, match=r"sample 00000021 is not a JPEG or PNG.*verify"):
-                run_epoch(ld)
+                collect_epoch(ld)
 
     store, shard = damaged("truncated")  # index and tar disagree: sample 37 cut short
     idx = store / shard["index"]
@@ -439,7 +413,7 @@ def test_damaged_shards_name_the_sample(jpeg_store, tmp_path):
         for _ in range(2):  # DALI cannot go on after a decode error; the loader says so
             with pytest.raises(StoreError, match=r"failed on sample 00000037.*verify.*cannot "
                                                  r"continue"):
-                run_epoch(ld)
+                collect_epoch(ld)
 
 
 # --------------------------------------------------------------------------- GPU
@@ -453,7 +427,7 @@ def test_mixed_decode_on_gpu(device, jpeg_store, imagenette_subset):
     cfg = cfg_for(jpeg_store, device=device, teacher_resolution=64, seed=3)
     with create_loader(cfg) as gpu, create_loader(cfg_for(jpeg_store, teacher_resolution=64,
                                                           seed=3)) as cpu:
-        g, c = run_epoch(gpu, 1, max_batches=2), run_epoch(cpu, 1, max_batches=2)
+        g, c = collect_epoch(gpu, 1, max_batches=2), collect_epoch(cpu, 1, max_batches=2)
     assert g["student"].is_cuda and g["teacher"].is_cuda and g["labels"].is_cuda
     for k in ("labels", "indices", "boxes", "flips", "view_ids"):
         assert torch.equal(g[k].cpu(), c[k]), k

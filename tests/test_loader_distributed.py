@@ -8,29 +8,16 @@ order -- is seen twice.
 """
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import make_subset
-from dataset_tools.convert import main as convert_main
+from loader_helpers import backend_import_error, collect_epoch, convert_store
 from pipelines.loader import BACKENDS, LoaderConfig, create_loader
 
 WORLD, N, EPOCHS = 2, 21, (0, 1)
-
-
-def _available(backend: str):
-    """A backend runs here when its module imports; ffcv/dali modules are
-    written separately and may be absent (a real absence, not a failure)."""
-    try:
-        importlib.import_module(BACKENDS[backend].split(":")[0])
-        return True, ""
-    except ImportError as e:
-        return False, f"{backend} backend not importable: {e}"
 
 
 # Plain names, checked inside the test: importing ffcv/dali at collection would
@@ -44,10 +31,7 @@ def odd_store(data_root, tmp_path_factory):
     """21 CIFAR PNGs (3 classes x 7): not divisible by the world size."""
     tmp = tmp_path_factory.mktemp("dist")
     src = make_subset(data_root / "cifar100" / "train", tmp / "src", 3, 7)
-    rc = convert_main([str(src), str(tmp / "store"), "--split-name", "train", "--workers", "1",
-                       "--no-progress", "--formats", "ffcv,dali", "--write-mode", "raw"])
-    assert rc == 0
-    return tmp / "store"
+    return convert_store(src, tmp / "store", "ffcv,dali", "--write-mode", "raw")
 
 
 def _cfg(backend, store) -> LoaderConfig:
@@ -58,11 +42,10 @@ def _cfg(backend, store) -> LoaderConfig:
 def _collect(loader) -> dict:
     out = {}
     for epoch in EPOCHS:
-        loader.set_epoch(epoch)
-        batches = list(loader)
-        out[f"sizes{epoch}"] = np.array([len(b) for b in batches])
+        got = collect_epoch(loader, epoch)
+        out[f"sizes{epoch}"] = np.array(got["sizes"])
         for k in ("indices", "labels", "view_ids"):
-            out[f"{k}{epoch}"] = torch.cat([getattr(b, k) for b in batches]).numpy()
+            out[f"{k}{epoch}"] = got[k].numpy()
     out["len"] = np.array(len(loader))
     return out
 
@@ -99,7 +82,7 @@ def dist_runs(odd_store, tmp_path_factory):
 
     def get(backend):
         if backend not in done:
-            group = [b for b in GROUPS[backend] if _available(b)[0]]
+            group = [b for b in GROUPS[backend] if backend_import_error(b) is None]
             tmp = tmp_path_factory.mktemp("dist_runs")
             mp.spawn(_rank_main, args=(group, str(odd_store), str(tmp / "rdzv"), str(tmp)),
                      nprocs=WORLD, join=True)
@@ -111,8 +94,8 @@ def dist_runs(odd_store, tmp_path_factory):
 
 @pytest.mark.parametrize("backend", PARAMS)
 def test_two_ranks_cover_each_epoch_once_plus_padding(backend, odd_store, dist_runs):
-    ok, why = _available(backend)
-    if not ok:
+    why = backend_import_error(backend)
+    if why:
         pytest.skip(why)
     ranks = [dict(np.load(dist_runs(backend) / f"{backend}_rank{r}.npz")) for r in range(WORLD)]
     for r, res in enumerate(ranks):

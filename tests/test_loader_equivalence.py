@@ -23,14 +23,12 @@ backends must return the reference's pixels exactly.
 """
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
-from dataset_tools.convert import main as convert_main
-from dataset_tools.store import open_store
-from pipelines.loader import BACKENDS, LoaderConfig, create_loader
+from pipelines.loader import LoaderConfig, create_loader
+
+from loader_helpers import backend_import_error, collect_epoch, convert_store, to_uint8
 
 TOL = {"dali": (1.0, 8.0), "ffcv": (5.0, 32.0)}
 LOWRES_BACKENDS = ("ffcv",)  # DALI reads only the shards; it rejects lowres=True
@@ -46,14 +44,6 @@ CASES = {
 }
 
 
-def _import_error(backend: str):
-    try:
-        importlib.import_module(BACKENDS[backend].split(":")[0])
-        return None
-    except ImportError as e:
-        return f"{backend} backend not importable: {e}"
-
-
 def _params():
     out = []
     for backend in ("ffcv", "dali"):
@@ -66,31 +56,25 @@ def _params():
     return out
 
 
-def _convert(src, out, *extra):
-    rc = convert_main([str(src), str(out), "--split-name", "train", "--formats", "ffcv,dali",
-                       "--workers", "1", "--no-progress", *extra])
-    assert rc == 0
-    return out
-
-
 @pytest.fixture(scope="module")
 def inette_jpg(imagenette_subset, tmp_path_factory):
     """80 imagenette JPEGs: shards keep the source bytes, FFCV holds q90 re-encodes."""
-    return _convert(imagenette_subset, tmp_path_factory.mktemp("eq") / "jpg",
-                    "--write-mode", "jpg", "--student-resolution", "32")
+    return convert_store(imagenette_subset, tmp_path_factory.mktemp("eq") / "jpg", "ffcv,dali",
+                         "--write-mode", "jpg", "--student-resolution", "32")
 
 
 @pytest.fixture(scope="module")
 def inette_raw(imagenette_subset, tmp_path_factory):
     """The same images; FFCV holds the decoded pixels, shards the source JPEGs."""
-    return _convert(imagenette_subset, tmp_path_factory.mktemp("eq") / "raw",
-                    "--write-mode", "raw", "--student-resolution", "32")
+    return convert_store(imagenette_subset, tmp_path_factory.mktemp("eq") / "raw", "ffcv,dali",
+                         "--write-mode", "raw", "--student-resolution", "32")
 
 
 @pytest.fixture(scope="module")
 def cifar_png(cifar_subset, tmp_path_factory):
     """200 CIFAR 32x32 PNGs, lossless in both formats; crops are enlarged."""
-    return _convert(cifar_subset, tmp_path_factory.mktemp("eq") / "png", "--write-mode", "raw")
+    return convert_store(cifar_subset, tmp_path_factory.mktemp("eq") / "png", "ffcv,dali",
+                         "--write-mode", "raw")
 
 
 def run_epoch(backend: str, store, epoch: int = 1, **overrides) -> dict:
@@ -98,17 +82,11 @@ def run_epoch(backend: str, store, epoch: int = 1, **overrides) -> dict:
                        drop_last=False, device="cpu", reduced_decode=False)
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    s = open_store(store)
-    mean = torch.tensor(s.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(s.std).view(1, 3, 1, 1) * 255
     with create_loader(cfg) as loader:
-        loader.set_epoch(epoch)
-        batches = [b.to("cpu") for b in loader]
-    out = {k: torch.cat([getattr(b, k) for b in batches]) for k in KEYS}
+        out = collect_epoch(loader, epoch)
     for view in ("student", "teacher"):
-        if getattr(batches[0], view) is not None:
-            x = torch.cat([getattr(b, view) for b in batches]).float()
-            out[view] = (x * std + mean).round().clamp(0, 255)  # undo the normalization
+        if view in out:
+            out[view] = to_uint8(out[view], store).float()  # undo the normalization
     return out
 
 
@@ -124,7 +102,7 @@ def reference(store, **overrides) -> dict:
 
 @pytest.mark.parametrize("backend,case", _params())
 def test_backend_matches_reference(backend, case, request):
-    why = _import_error(backend)
+    why = backend_import_error(backend)
     if why:
         pytest.skip(why)
     store_fixture, both, backend_only = CASES[case]
@@ -152,7 +130,7 @@ def test_backend_matches_reference(backend, case, request):
 @pytest.mark.parametrize("store_fixture,size", [("cifar_png", 32), ("inette_raw", 224)])
 def test_raw_pixels_identical_without_resizing(backend, store_fixture, size, request):
     """Eval view at the stored size: no resize, so no backend may differ."""
-    why = _import_error(backend)
+    why = backend_import_error(backend)
     if why:
         pytest.skip(why)
     store = request.getfixturevalue(store_fixture)

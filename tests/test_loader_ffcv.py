@@ -24,37 +24,31 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 from torchvision.datasets import ImageFolder
 
-from dataset_tools.convert import main as convert_main
 from dataset_tools.records import resize_shorter
 from dataset_tools.store import StoreError, open_store
 from pipelines.ffcv_backend import FFCVLoader
 from pipelines.ffcv_ops import (T_CROP_H, T_CROP_W, T_DEC_H, T_DEC_W, T_FLIP, T_INDEX, T_LEFT,
                                 T_TOP, T_VIEW)
-from pipelines.loader import BaseLoader, LoaderConfig, create_loader
+from pipelines.loader import LoaderConfig, create_loader
 from pipelines.reference import reduced_scale
 from pipelines.views import box_to_pixels, epoch_view_ids, view_params
 
+from loader_helpers import collect_epoch, convert_store, to_uint8
+
 N = 80  # imagenette_subset: 10 classes x 8 JPEGs, 224x224
-
-
-def convert(src, out, *extra):
-    rc = convert_main([str(src), str(out), "--split-name", "train", "--formats", "ffcv",
-                       "--workers", "1", "--no-progress", *extra])
-    assert rc == 0
-    return out
 
 
 @pytest.fixture(scope="module")
 def raw_store(imagenette_subset, tmp_path_factory):
     """Raw pixels (the PIL decode of each source JPEG) + the low-res companion."""
-    return convert(imagenette_subset, tmp_path_factory.mktemp("ffcv_raw") / "store",
-                   "--write-mode", "raw", "--student-resolution", "32")
+    return convert_store(imagenette_subset, tmp_path_factory.mktemp("ffcv_raw") / "store", "ffcv",
+                         "--write-mode", "raw", "--student-resolution", "32")
 
 
 @pytest.fixture(scope="module")
 def jpg_store(imagenette_subset, tmp_path_factory):
-    return convert(imagenette_subset, tmp_path_factory.mktemp("ffcv_jpg") / "store",
-                   "--write-mode", "jpg")
+    return convert_store(imagenette_subset, tmp_path_factory.mktemp("ffcv_jpg") / "store", "ffcv",
+                         "--write-mode", "jpg")
 
 
 @pytest.fixture(scope="module")
@@ -86,27 +80,19 @@ def trailers(monkeypatch):
     return seen
 
 
-def to_uint8(x: torch.Tensor, store) -> np.ndarray:
-    """Undo the normalization (exact: |error| << 0.5) -> uint8 NHWC."""
-    s = open_store(store)
-    mean = torch.tensor(s.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(s.std).view(1, 3, 1, 1) * 255
-    u = (x * std + mean).round()
-    assert u.min() >= 0 and u.max() <= 255
-    return u.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+def to_uint8_nhwc(x: torch.Tensor, store) -> np.ndarray:
+    """Undo the normalization -> uint8 NHWC, the layout of the OpenCV oracles."""
+    return to_uint8(x, store).permute(0, 2, 3, 1).numpy()
 
 
 def epoch_arrays(loader, store, epoch: int) -> dict:
-    loader.set_epoch(epoch)
-    parts = {k: [] for k in ("indices", "labels", "view_ids", "boxes", "flips", "student", "teacher")}
-    for b in loader:
-        assert b.student.dtype == torch.float32 and b.device.type == "cpu"
-        for k in ("indices", "labels", "view_ids", "boxes", "flips"):
-            parts[k].append(getattr(b, k).numpy())
-        parts["student"].append(to_uint8(b.student, store))
-        if b.teacher is not None:
-            parts["teacher"].append(to_uint8(b.teacher, store))
-    return {k: np.concatenate(v) if v else None for k, v in parts.items()}
+    """One epoch as numpy arrays; the views as uint8 NHWC (teacher: None if absent)."""
+    got = collect_epoch(loader, epoch)
+    assert got["student"].dtype == torch.float32 and got["student"].device.type == "cpu"
+    out = {k: got[k].numpy() for k in ("indices", "labels", "view_ids", "boxes", "flips")}
+    for view in ("student", "teacher"):
+        out[view] = to_uint8_nhwc(got[view], store) if view in got else None
+    return out
 
 
 def cv2_view(img: np.ndarray, box, flip: bool, size: int) -> np.ndarray:
@@ -475,7 +461,7 @@ def test_cuda_matches_cpu(raw_store):
         batches = [b.to("cpu") for b in gpu_loader]
     assert all(b is not None for b in batches)
     np.testing.assert_array_equal(np.concatenate([b.indices.numpy() for b in batches]), a["indices"])
-    student = np.concatenate([to_uint8(b.student, raw_store) for b in batches])
-    teacher = np.concatenate([to_uint8(b.teacher, raw_store) for b in batches])
+    student = np.concatenate([to_uint8_nhwc(b.student, raw_store) for b in batches])
+    teacher = np.concatenate([to_uint8_nhwc(b.teacher, raw_store) for b in batches])
     np.testing.assert_array_equal(student, a["student"])
     np.testing.assert_array_equal(teacher, a["teacher"])

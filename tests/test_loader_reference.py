@@ -20,32 +20,26 @@ import torchvision.transforms.v2.functional as F2
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from dataset_tools.convert import main as convert_main
 from dataset_tools.manifest import PixelDigest, sample_pixel_digest
 from dataset_tools.store import StoreError, open_store
 from pipelines.loader import LoaderConfig, create_loader
 from pipelines.reference import decode, lowres_source, reduced_scale
 from pipelines.views import box_to_pixels, view_params
 
-
-def convert(src, out, *extra):
-    rc = convert_main([str(src), str(out), "--split-name", "train", "--formats", "dali",
-                       "--workers", "1", "--no-progress", *extra])
-    assert rc == 0
-    return out
+from loader_helpers import collect_epoch, convert_store, to_uint8
 
 
 @pytest.fixture(scope="module")
 def jpeg_store(imagenette_subset, tmp_path_factory):
     """80 imagenette JPEGs (kept byte-identical in the shards), with a low-res store."""
-    return convert(imagenette_subset, tmp_path_factory.mktemp("ref_jpeg") / "store",
-                   "--student-resolution", "32")
+    return convert_store(imagenette_subset, tmp_path_factory.mktemp("ref_jpeg") / "store",
+                         "dali", "--student-resolution", "32")
 
 
 @pytest.fixture(scope="module")
 def png_store(cifar_subset, tmp_path_factory):
     """200 CIFAR PNGs (32x32), stored as PNG: lossless."""
-    return convert(cifar_subset, tmp_path_factory.mktemp("ref_png") / "store")
+    return convert_store(cifar_subset, tmp_path_factory.mktemp("ref_png") / "store", "dali")
 
 
 @pytest.fixture(scope="module")
@@ -73,29 +67,6 @@ def cfg_for(store, **kw) -> LoaderConfig:
     return LoaderConfig(**base)
 
 
-def to_uint8(x: torch.Tensor, store) -> torch.Tensor:
-    """Undo the loader's normalization (exact up to float rounding)."""
-    s = open_store(store)
-    mean = torch.tensor(s.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(s.std).view(1, 3, 1, 1) * 255
-    return (x * std + mean).round().clamp(0, 255).to(torch.uint8)
-
-
-def run_epoch(loader, epoch=0, max_batches=None):
-    loader.set_epoch(epoch)
-    out = {k: [] for k in ("student", "teacher", "labels", "indices", "boxes", "flips", "view_ids")}
-    for bi, b in enumerate(loader):
-        if max_batches is not None and bi >= max_batches:
-            break
-        for k in out:
-            v = getattr(b, k)
-            if v is not None:
-                out[k].append(v)
-    res = {k: torch.cat(v) for k, v in out.items() if v}
-    res["sizes"] = [len(x) for x in out["labels"]]
-    return res
-
-
 def pil_rgb(path) -> Image.Image:
     with Image.open(path) as im:
         return im.convert("RGB")
@@ -121,7 +92,7 @@ def test_views_equal_direct_computation(sources, kind):
     store, folder = sources[kind]
     cfg = cfg_for(store, teacher_resolution=48, seed=3)
     with create_loader(cfg) as loader:
-        got = run_epoch(loader, epoch=1, max_batches=2)
+        got = collect_epoch(loader, epoch=1, max_batches=2)
         idx = got["indices"].numpy()
         assert (got["view_ids"] == 2).all()  # random mode: view epoch + 1
         boxes, flips = view_params(cfg.view_config(), idx, np.full(len(idx), 2))
@@ -145,7 +116,7 @@ def test_epoch_covers_store_and_batches(sources):
     man = open_store(store).manifest
     with create_loader(cfg_for(store, batch_size=24)) as loader:
         assert len(loader) == 4
-        got = run_epoch(loader)
+        got = collect_epoch(loader)
     assert got["sizes"] == [24, 24, 24, 8]
     idx = got["indices"].numpy()
     assert sorted(idx.tolist()) == list(range(80))
@@ -153,14 +124,14 @@ def test_epoch_covers_store_and_batches(sources):
     assert np.bincount(got["labels"].numpy()).tolist() == man["class_counts"]
     with create_loader(cfg_for(store, batch_size=24, drop_last=True)) as loader:
         assert len(loader) == 3
-        got = run_epoch(loader)
+        got = collect_epoch(loader)
     assert got["sizes"] == [24, 24, 24] and len(set(got["indices"].tolist())) == 72
 
 
 def test_eval_mode_is_whole_image(sources):
     store, folder = sources["jpeg"]
     with create_loader(cfg_for(store, train=False)) as loader:
-        got = run_epoch(loader, epoch=5, max_batches=1)
+        got = collect_epoch(loader, epoch=5, max_batches=1)
     assert (got["view_ids"] == 0).all() and not got["flips"].any()
     assert torch.equal(got["boxes"], torch.tensor([[0.0, 0.0, 1.0, 1.0]]).expand(16, 4))
     student = to_uint8(got["student"], store)
@@ -175,7 +146,7 @@ def test_replayed_views_are_identical_across_epochs_and_instances(sources):
     seen, vids_per_epoch = {}, []
     loaders = [create_loader(cfg), create_loader(cfg)]
     for loader, epoch in [(loaders[0], 0), (loaders[0], 1), (loaders[1], 1), (loaders[1], 2)]:
-        got = run_epoch(loader, epoch)
+        got = collect_epoch(loader, epoch)
         order = got["indices"].argsort()
         vids_per_epoch.append(got["view_ids"][order])
         for j in range(len(got["indices"])):
@@ -197,7 +168,7 @@ def test_shuffle_order_depends_on_seed_and_epoch(sources):
 
     def order(seed, epoch, shuffle=True):
         with create_loader(cfg_for(store, seed=seed, shuffle=shuffle, batch_size=64)) as loader:
-            return run_epoch(loader, epoch)["indices"].tolist()
+            return collect_epoch(loader, epoch)["indices"].tolist()
 
     first = order(0, 0)
     assert sorted(first) == list(range(200)) and first != list(range(200))
@@ -210,7 +181,7 @@ def test_shuffle_order_depends_on_seed_and_epoch(sources):
 def test_random_mode_draws_fresh_crops_each_epoch(sources):
     store, _ = sources["png"]
     with create_loader(cfg_for(store, shuffle=False, batch_size=200)) as loader:
-        a, b = run_epoch(loader, 0), run_epoch(loader, 1)
+        a, b = collect_epoch(loader, 0), collect_epoch(loader, 1)
     assert (a["view_ids"] == 1).all() and (b["view_ids"] == 2).all()
     assert (a["boxes"] != b["boxes"]).any(dim=1).all()
 
@@ -218,7 +189,7 @@ def test_random_mode_draws_fresh_crops_each_epoch(sources):
 def test_teacher_view_downsampled_matches_student(sources):
     store, _ = sources["jpeg"]
     with create_loader(cfg_for(store, teacher_resolution=128)) as loader:
-        got = run_epoch(loader, 2, max_batches=2)
+        got = collect_epoch(loader, 2, max_batches=2)
     assert got["teacher"].shape[1:] == (3, 128, 128) and got["student"].shape[1:] == (3, 32, 32)
     student = to_uint8(got["student"], store).float()
     down = F2.resize(to_uint8(got["teacher"], store), [32, 32], antialias=True).float()
@@ -246,7 +217,7 @@ def test_reduced_decode_scale_and_closeness(sources):
     runs = {}
     for reduced in (False, True):
         with create_loader(cfg_for(store, reduced_decode=reduced, teacher_resolution=48)) as loader:
-            runs[reduced] = run_epoch(loader, 4)
+            runs[reduced] = collect_epoch(loader, 4)
     for k in ("indices", "labels", "boxes", "flips"):
         assert torch.equal(runs[False][k], runs[True][k])
     for view in ("student", "teacher"):
@@ -259,7 +230,7 @@ def test_reduced_decode_scale_and_closeness(sources):
 
 def test_reduced_decode_is_a_no_op_on_png(sources):
     store, _ = sources["png"]
-    runs = [run_epoch(create_loader(cfg_for(store, reduced_decode=r, batch_size=100)), 1)
+    runs = [collect_epoch(create_loader(cfg_for(store, reduced_decode=r, batch_size=100)), 1)
             for r in (False, True)]
     assert torch.equal(runs[0]["student"], runs[1]["student"])
 
@@ -277,7 +248,7 @@ def test_lowres_emulation_reproduces_the_lowres_store(sources):
     assert digest.hexdigest() == s.manifest["stores"]["ffcv_lowres"]["pixel_sha256"]
 
     with create_loader(cfg_for(store, lowres=True)) as loader:
-        got = run_epoch(loader, 1, max_batches=1)
+        got = collect_epoch(loader, 1, max_batches=1)
     student = to_uint8(got["student"], store)
     for j, i in enumerate(got["indices"].tolist()):
         low = lowres_source(as_tensor(pil_rgb(folder.samples[i][0])), side)
@@ -333,7 +304,7 @@ def _wait_gone(before, timeout=10.0):
 def test_workers_persist_across_epochs_and_stop_on_close(sources):
     store, _ = sources["png"]
     with create_loader(cfg_for(store, batch_size=10)) as plain:  # in-process oracle
-        want = run_epoch(plain, 1)["indices"]
+        want = collect_epoch(plain, 1)["indices"]
     before = _children()
     loader = create_loader(cfg_for(store, num_workers=2, batch_size=10))
     for _ in loader:  # abandon epoch 0 after one batch
@@ -341,12 +312,12 @@ def test_workers_persist_across_epochs_and_stop_on_close(sources):
     workers = _children() - before
     assert len(workers) == 2
     # The next epoch reuses the workers and yields none of epoch 0's prefetched batches.
-    assert torch.equal(run_epoch(loader, 1)["indices"], want)
+    assert torch.equal(collect_epoch(loader, 1)["indices"], want)
     assert _children() - before == workers
     loader.close()
     loader.close()  # twice is fine
     assert not _wait_gone(before)
-    assert torch.equal(run_epoch(loader, 1)["indices"], want)  # usable after close
+    assert torch.equal(collect_epoch(loader, 1)["indices"], want)  # usable after close
     # Dropping the last reference stops the workers too, promptly (no reference
     # cycle left to the cyclic GC, under which shutdown waits out timeouts).
     del loader
