@@ -77,10 +77,13 @@ class EpochCell:
         self.array[0] = epoch
 
 
-def packed_layout(student: int, teacher: int) -> tuple[int, int, int]:
+# The two layouts below are compiled (inlined like _sample_view, see there) so
+# the kernels and the Python side that splits their output share one formula.
+@numba.njit(cache=True, inline="always")
+def packed_layout(student, teacher):
     """(student bytes, teacher bytes, trailer offset) of a packed row."""
     s_bytes, t_bytes = student * student * 3, teacher * teacher * 3
-    return s_bytes, t_bytes, -(-(s_bytes + t_bytes) // 8) * 8
+    return s_bytes, t_bytes, (s_bytes + t_bytes + 7) // 8 * 8
 
 
 # FFCV's libffcv functions, declared by symbol so the kernel below can be
@@ -179,8 +182,7 @@ def decode_views(batch_indices, records, destination, temp_storage, epoch, seed,
     packed rows (see :class:`ViewCropDecoder`); ``records[i]`` locates sample
     i's bytes."""
     S, T = student, teacher
-    s_bytes, t_bytes = S * S * 3, T * T * 3
-    off = (s_bytes + t_bytes + 7) // 8 * 8
+    s_bytes, t_bytes, off = packed_layout(S, T)
     need = max(S, T)
     for i in numba.prange(batch_indices.shape[0]):
         row = destination[i]
@@ -228,11 +230,12 @@ def _normalize_into(view, flip, lut, out, chw):
                     out[p + c] = lut[c, src[sx, c]]
 
 
-def normalized_layout(batch: int, student: int, teacher: int) -> tuple[int, int, int]:
+@numba.njit(cache=True, inline="always")
+def normalized_layout(batch, student, teacher):
     """Float32 element offsets of the teacher block, the trailer block and the
     total size of a :func:`decode_views_normalized` result."""
     t_start = batch * student * student * 3
-    tr_start = -(-(t_start + batch * teacher * teacher * 3) // 2) * 2  # int64-aligned
+    tr_start = (t_start + batch * teacher * teacher * 3 + 1) // 2 * 2  # int64-aligned
     return t_start, tr_start, tr_start + 2 * TRAILER_LEN * batch
 
 
@@ -247,9 +250,8 @@ def decode_views_normalized(batch_indices, records, temp_storage, epoch, seed, s
     S, T = student, teacher
     s_len, t_len = S * S * 3, T * T * 3
     n = batch_indices.shape[0]
-    t_start = n * s_len
-    tr_start = (t_start + n * t_len + 1) // 2 * 2
-    out = np.empty(tr_start + 2 * TRAILER_LEN * n, np.float32)
+    t_start, tr_start, size = normalized_layout(n, S, T)
+    out = np.empty(size, np.float32)
     trailers = out[tr_start:].view(np.int64)
     scratch_at = temp_storage.shape[1] - s_len - t_len  # after the decode buffer
     need = max(S, T)
