@@ -6,8 +6,10 @@ to 32 px) that call costs ~17 us per image, almost all of it per-call set-up
 (coefficient tables, allocation, dispatch), which caps the low-res loader. No
 library offers a batched resize of *variable* boxes that a compiled FFCV
 decode loop can call, so this is the same filter written as two separable
-passes in numba: ~5 us for the same crops, equal to OpenCV within one level
-(tested; OpenCV sums in a different float order and rounds half to even).
+passes in numba: ~7 us for those crops, ~5 us with the normalization fused
+(:func:`area_resize_normalize`, against ~1.5 us for a separate pass), equal
+to OpenCV within one level (tested; OpenCV sums in float and rounds half to
+even).
 
 Each output pixel ``d`` on an axis averages the source interval
 ``[d * s, (d + 1) * s)`` (``s`` = crop length / output length), weighting
@@ -16,12 +18,15 @@ every source pixel by its overlap with that interval -- OpenCV's definition of
 (:func:`can_area_resize`); OpenCV's ``INTER_AREA`` upscales bilinearly, so
 callers use OpenCV for crops smaller than the output.
 
-Plain float32 without ``fastmath`` (which gained only ~5 %): area averages of
-integers often land exactly on .5, where the last bit decides the level, and
-even so two separately compiled callers were seen to round a few such ties
-per epoch differently (within one level; tested). Numba's disk
-cache does not follow callees: after editing this file, delete the cached
-kernels of its callers (``pipelines/__pycache__/ffcv_ops*.nb*``).
+Exact integer arithmetic. Measured in units of ``1 / out_len`` of a source
+pixel, every overlap is an integer, so both passes sum integers and the
+result is the exact average, rounded half up (tested against block sums). A
+float32 version gave the same values but for rare exact .5 ties, which it
+rounded differently depending on how LLVM had compiled the caller (the same
+source, cached or not, disagreed on ~0.01 % of values); integers give the
+same levels in every kernel at the same speed.
+Numba's disk cache does not follow callees: after editing this file, delete
+the cached kernels of its callers (``pipelines/__pycache__/ffcv_ops*.nb*``).
 """
 from __future__ import annotations
 
@@ -29,44 +34,109 @@ import numba
 import numpy as np
 
 
+# Sums of 255 * crop_h * crop_w must fit in int32.
+MAX_CROP_AREA = 1 << 23
+_PAD = 6  # zeros after each vertical-pass row: the 3-tap pass reads 2 pixels past a crop
+
+
 @numba.njit(nogil=True, cache=True, inline="always")
 def can_area_resize(crop_h, crop_w, out_h, out_w):
-    """True when both axes downscale (or keep) the size."""
-    return crop_h >= out_h and crop_w >= out_w
+    """True when both axes downscale (or keep) the size and the crop is
+    below ``MAX_CROP_AREA`` pixels (~2900 x 2900)."""
+    return crop_h >= out_h and crop_w >= out_w and crop_h * crop_w < MAX_CROP_AREA
 
 
 @numba.njit(nogil=True, cache=True)
 def scratch_sizes(max_h, max_w, out_h, out_w):
-    """(float32, int64) scratch lengths :func:`area_resize_crop` needs for
+    """(int64, int32) scratch lengths :func:`area_resize_crop` needs for
     crops up to ``max_h x max_w`` and outputs up to ``out_h x out_w``."""
     taps = out_h * (max_h // out_h + 2) + out_w * (max_w // out_w + 2)
-    return taps + out_h * max_w * 3, 2 * (out_h + out_w)
+    return taps + 2 * (out_h + out_w), out_h * (max_w * 3 + _PAD) + out_w * 3
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
 def _area_taps(src_len, dst_len, first, count, weight):
-    """Per output pixel ``d``: first source pixel, tap count, and weights
-    ``weight[d * stride + k]`` (summing to 1) of the source pixels its
-    interval overlaps; returns the stride."""
-    s = src_len / dst_len
-    inv = 1.0 / s
-    stride = int(s) + 2
+    """Per output pixel ``d``: first source pixel, tap count, and integer
+    weights ``weight[d * stride + k]`` (summing to ``src_len``): the overlap
+    of source pixel ``first + k`` with ``d``'s interval, in units of
+    ``1 / dst_len`` pixel, zero past the count. Returns the stride."""
+    stride = src_len // dst_len + 2
     for d in range(dst_len):
-        a = d * s
-        b = min(a + s, float(src_len))
-        i = int(a)
-        first[d] = i
-        k = 0
-        while i < b and k < stride:
-            overlap = min(b, i + 1.0) - max(a, float(i))
-            if overlap > 1e-9:
-                weight[d * stride + k] = overlap * inv
-                k += 1
-            elif k == 0:  # a rounding sliver at the start: begin at the next pixel
-                first[d] = i + 1
-            i += 1
-        count[d] = k
+        a = d * src_len  # d's interval [a, b), in those units
+        b = a + src_len
+        i0 = a // dst_len
+        first[d] = i0
+        count[d] = (b + dst_len - 1) // dst_len - i0
+        for k in range(stride):
+            i = i0 + k
+            weight[d * stride + k] = max(0, min(b, (i + 1) * dst_len) - max(a, i * dst_len))
     return stride
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _vertical_pass(image, top, left, crop_h, crop_w, out_h, out_w, iscratch, rows_scratch):
+    """Tap tables into ``iscratch``; per output row, the crop's rows summed
+    with their vertical weights into int32 ``rows_scratch`` (whole rows, so it
+    vectorizes), each followed by ``_PAD`` zeros. Returns what the
+    horizontal pass needs."""
+    y_first, y_count = iscratch[:out_h], iscratch[out_h:2 * out_h]
+    x_first = iscratch[2 * out_h:2 * out_h + out_w]
+    x_count = iscratch[2 * out_h + out_w:2 * (out_h + out_w)]
+    y_weight = iscratch[2 * (out_h + out_w):]
+    y_stride = _area_taps(crop_h, out_h, y_first, y_count, y_weight)
+    x_weight = y_weight[out_h * y_stride:]
+    x_stride = _area_taps(crop_w, out_w, x_first, x_count, x_weight)
+    n = crop_w * 3
+    rows = image.reshape(image.shape[0], image.shape[1] * 3)
+    col0 = left * 3
+    for y in range(out_h):
+        acc = rows_scratch[y * (n + _PAD):(y + 1) * (n + _PAD)]
+        src = rows[top + y_first[y], col0:col0 + n]
+        w = np.int32(y_weight[y * y_stride])
+        for j in range(n):
+            acc[j] = w * np.int32(src[j])
+        for k in range(1, y_count[y]):
+            src = rows[top + y_first[y] + k, col0:col0 + n]
+            w = np.int32(y_weight[y * y_stride + k])
+            for j in range(n):
+                acc[j] += w * np.int32(src[j])
+        acc[n:] = 0
+    return x_first, x_count, x_weight, x_stride, n + _PAD
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _level(total, half, inv):
+    """Round half up ``total / P`` (``half = P``, ``inv = 1 / 2P``):
+    floor((2 total + P) / 2P). The float64 product is within 1e-13 of that
+    quotient, and a non-integer quotient is >= 1/2P below the next integer,
+    so adding 1e-9 before truncating gives the exact floor."""
+    return int((2.0 * total + half) * inv + 1e-9)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _horizontal_row(acc, x_first, x_count, x_weight, x_stride, out_w, half, inv, levels):
+    """One output row: the horizontal weights over ``acc`` (a vertical-pass
+    row), rounded, into ``levels`` (uint8, ``out_w * 3``, RGB interleaved).
+    Downscaling by less than 2 (every low-res crop) has at most 3 taps per
+    pixel: that case runs unrolled, zero taps included, since a tap count
+    that alternates 2, 3, 2... costs a mispredicted branch per pixel."""
+    if x_stride == 3:
+        for x in range(out_w):
+            p = x_first[x] * 3
+            w0 = np.int32(x_weight[x * 3])
+            w1 = np.int32(x_weight[x * 3 + 1])
+            w2 = np.int32(x_weight[x * 3 + 2])
+            for c in range(3):
+                total = w0 * acc[p + c] + w1 * acc[p + 3 + c] + w2 * acc[p + 6 + c]
+                levels[3 * x + c] = _level(total, half, inv)
+    else:
+        for x in range(out_w):
+            for c in range(3):
+                p = x_first[x] * 3 + c
+                total = 0
+                for k in range(x_count[x]):
+                    total += np.int32(x_weight[x * x_stride + k]) * acc[p + 3 * k]
+                levels[3 * x + c] = _level(total, half, inv)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -75,52 +145,44 @@ def area_resize_crop(image, top, left, crop_h, crop_w, out):
 
     ``image``: uint8 ``(H, W, 3)`` C-contiguous; ``out``: uint8
     ``(out_h, out_w, 3)`` C-contiguous; requires :func:`can_area_resize`.
-    Two allocations per call (work space for tap tables and the vertical pass)."""
-    nf, ni = scratch_sizes(crop_h, crop_w, out.shape[0], out.shape[1])
-    _area_resize(image, top, left, crop_h, crop_w, out, np.empty(nf, np.float32),
-                 np.empty(ni, np.int64))
+    Two allocations per call (tap tables, the vertical pass's rows)."""
+    out_h, out_w = out.shape[0], out.shape[1]
+    ni, na = scratch_sizes(crop_h, crop_w, out_h, out_w)
+    iscratch, rows_scratch = np.empty(ni, np.int64), np.empty(na, np.int32)
+    x_first, x_count, x_weight, x_stride, row = _vertical_pass(
+        image, top, left, crop_h, crop_w, out_h, out_w, iscratch, rows_scratch)
+    half, inv = np.float64(crop_h * crop_w), 1.0 / (2.0 * crop_h * crop_w)
+    for y in range(out_h):
+        _horizontal_row(rows_scratch[y * row:(y + 1) * row], x_first, x_count, x_weight,
+                        x_stride, out_w, half, inv, out[y].reshape(out_w * 3))
 
 
 @numba.njit(nogil=True, cache=True)
-def _area_resize(image, top, left, crop_h, crop_w, out, fscratch, iscratch):
-    """:func:`area_resize_crop` in the work space ``fscratch`` / ``iscratch``
-    (float32 / int64, at least :func:`scratch_sizes` long).
-    Vertical pass first, over whole rows (contiguous, so it vectorizes), into
-    a float32 buffer; then the horizontal pass and rounding."""
-    out_h, out_w = out.shape[0], out.shape[1]
-    y_first, y_count = iscratch[:out_h], iscratch[out_h:2 * out_h]
-    x_first = iscratch[2 * out_h:2 * out_h + out_w]
-    x_count = iscratch[2 * out_h + out_w:2 * (out_h + out_w)]
-    y_stride = _area_taps(crop_h, out_h, y_first, y_count, fscratch)
-    x_weight = fscratch[out_h * y_stride:]
-    x_stride = _area_taps(crop_w, out_w, x_first, x_count, x_weight)
-    n = crop_w * 3
-    tmp = x_weight[out_w * x_stride:]
-    rows = image.reshape(image.shape[0], image.shape[1] * 3)
-    col0 = left * 3
-    for y in range(out_h):
-        acc = tmp[y * n:(y + 1) * n]
-        src = rows[top + y_first[y], col0:col0 + n]
-        w = fscratch[y * y_stride]
-        for j in range(n):
-            acc[j] = w * src[j]
-        for k in range(1, y_count[y]):
-            src = rows[top + y_first[y] + k, col0:col0 + n]
-            w = fscratch[y * y_stride + k]
-            for j in range(n):
-                acc[j] += w * src[j]
-    for y in range(out_h):
-        acc = tmp[y * n:(y + 1) * n]
-        dst = out[y]
-        for x in range(out_w):
-            r = g = b = np.float32(0.5)  # + 0.5, then truncation: round half up
-            p = x_first[x] * 3
-            for k in range(x_count[x]):
-                w = x_weight[x * x_stride + k]
-                r += w * acc[p]
-                g += w * acc[p + 1]
-                b += w * acc[p + 2]
-                p += 3
-            dst[x, 0] = min(int(r), 255)
-            dst[x, 1] = min(int(g), 255)
-            dst[x, 2] = min(int(b), 255)
+def area_resize_normalize(image, top, left, crop_h, crop_w, size, flip, lut, out, chw):
+    """:func:`area_resize_crop` to ``size x size``, then per value
+    ``lut[c, level]``, mirrored when ``flip``, written into ``out`` (flat
+    float32, ``3 * size * size``): CHW order, or HWC when not ``chw``. The
+    same levels as :func:`area_resize_crop` (exact arithmetic), without a
+    uint8 image in between."""
+    ni, na = scratch_sizes(crop_h, crop_w, size, size)
+    iscratch, rows_scratch = np.empty(ni, np.int64), np.empty(na, np.int32)
+    x_first, x_count, x_weight, x_stride, row = _vertical_pass(
+        image, top, left, crop_h, crop_w, size, size, iscratch, rows_scratch)
+    half, inv = np.float64(crop_h * crop_w), 1.0 / (2.0 * crop_h * crop_w)
+    levels = rows_scratch[size * row:size * row + size * 3].view(np.uint8)[:size * 3]
+    last = size - 1
+    for y in range(size):
+        _horizontal_row(rows_scratch[y * row:(y + 1) * row], x_first, x_count, x_weight,
+                        x_stride, size, half, inv, levels)
+        if chw:
+            for c in range(3):
+                table = lut[c]
+                dst = out[(c * size + y) * size:(c * size + y + 1) * size]
+                for x in range(size):
+                    dst[last - x if flip else x] = table[levels[3 * x + c]]
+        else:
+            dst = out[y * size * 3:(y + 1) * size * 3]
+            for x in range(size):
+                q = 3 * (last - x if flip else x)
+                for c in range(3):
+                    dst[q + c] = lut[c, levels[3 * x + c]]

@@ -31,7 +31,7 @@ imagenette this saves little decode time (entropy decoding dominates) but
 shrinks the crop to resize: ~220 vs ~260 us of CPU per image. Raw samples are
 read in place. The low-res store (``lowres=True``: raw pixels, shorter side
 sized so every crop still has the student resolution) is the fast path: no
-decode, a small resize (~10 us of CPU per image in the kernel, all included).
+decode, a small resize (~8 us of CPU per image in the kernel, all included).
 
 Order and sharding follow ``torch.utils.data.DistributedSampler`` (which is
 what FFCV's ``distributed=True`` uses): the permutation is seeded by
@@ -53,11 +53,12 @@ stopped and joined (end of epoch, early break, next ``__iter__``, ``close``).
 FFCV sets torch's and numba's thread count to ``num_workers``.
 
 Speed on CPU: the decode kernel also normalizes (a per-channel lookup table
-with the same float32 values as ``finish_batch``; tested against the uint8
-path, equal but for rare one-level resize ties) and
-flips while writing each view into a new float32 batch array, so the training
-thread gets finished tensors; the resize is a numba ``INTER_AREA``
-(:mod:`pipelines.area_resize`, ~3x faster than OpenCV's call on small crops);
+with the same float32 values as ``finish_batch``, applied as the resize
+writes each value; tested bitwise against the uint8 path) and flips while
+writing each view into a new float32 batch array, so the training thread gets
+finished tensors; the resize is a numba ``INTER_AREA`` in exact integer
+arithmetic (:mod:`pipelines.area_resize`, ~3x faster than OpenCV's call on
+small crops);
 labels and indices come from the file's metadata in Python rather than from
 compiled FFCV pipelines; the decode kernel is numba-compiled once and cached
 on disk, so a new loader costs ~1 s of compilation instead of ~10 s.

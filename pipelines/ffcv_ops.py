@@ -35,7 +35,7 @@ from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.state import State
 
-from pipelines.area_resize import area_resize_crop, can_area_resize
+from pipelines.area_resize import area_resize_crop, area_resize_normalize, can_area_resize
 from pipelines.views import ViewConfig, box_to_pixels, epoch_view_id, view_box
 
 # Trailer fields (int64 each).
@@ -239,6 +239,19 @@ def normalized_layout(batch, student, teacher):
     return t_start, tr_start, tr_start + 2 * TRAILER_LEN * batch
 
 
+@numba.njit(nogil=True, cache=True)
+def _resize_normalize(image, top, left, ch, cw, view, flip, lut, out, chw):
+    """:func:`_resize_crop` then :func:`_normalize_into`; when downscaling,
+    in one pass (:func:`~pipelines.area_resize.area_resize_normalize`: the
+    same levels, no uint8 ``view`` in between)."""
+    size = view.shape[0]
+    if can_area_resize(ch, cw, size, size):
+        area_resize_normalize(image, top, left, ch, cw, size, flip, lut, out, chw)
+    else:
+        _resize_crop(image, top, left, ch, cw, view)
+        _normalize_into(view, flip, lut, out, chw)
+
+
 @numba.njit(nogil=True, cache=True, parallel=True)
 def decode_views_normalized(batch_indices, records, temp_storage, epoch, seed, scale_lo,
                             scale_hi, log_ratio_lo, log_ratio_hi, allow_flip, num_views,
@@ -262,13 +275,12 @@ def decode_views_normalized(batch_indices, records, temp_storage, epoch, seed, s
             log_ratio_hi, allow_flip, num_views, fixed_view, need, reduced,
             trailers[i * TRAILER_LEN:(i + 1) * TRAILER_LEN])
         view_s = temp[scratch_at:scratch_at + s_len].reshape(S, S, 3)
-        _resize_crop(image, top, left, ch, cw, view_s)
-        _normalize_into(view_s, flip, lut, out[i * s_len:(i + 1) * s_len], chw)
+        _resize_normalize(image, top, left, ch, cw, view_s, flip, lut,
+                          out[i * s_len:(i + 1) * s_len], chw)
         if T > 0:
             view_t = temp[scratch_at + s_len:scratch_at + s_len + t_len].reshape(T, T, 3)
-            _resize_crop(image, top, left, ch, cw, view_t)
-            _normalize_into(view_t, flip, lut, out[t_start + i * t_len:t_start + (i + 1) * t_len],
-                            chw)
+            _resize_normalize(image, top, left, ch, cw, view_t, flip, lut,
+                              out[t_start + i * t_len:t_start + (i + 1) * t_len], chw)
     return out
 
 

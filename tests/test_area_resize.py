@@ -5,7 +5,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipelines.area_resize import area_resize_crop, can_area_resize
+from pipelines.area_resize import (MAX_CROP_AREA, area_resize_crop, area_resize_normalize,
+                                   can_area_resize)
 
 
 def _cases(seed: int, count: int):
@@ -23,8 +24,8 @@ def _cases(seed: int, count: int):
 
 def test_matches_opencv_inter_area_within_one_level():
     """Random crops and sizes (non-integer and integer factors, 1x to ~300x):
-    the same filter, so at most one level apart (OpenCV sums in another
-    order and rounds half to even), and rarely."""
+    the same filter, so at most one level apart (OpenCV sums in float and
+    rounds half to even), and rarely."""
     differing = total = 0
     for img, top, left, ch, cw, oh, ow in _cases(0, 1500):
         out = np.empty((oh, ow, 3), np.uint8)
@@ -36,6 +37,42 @@ def test_matches_opencv_inter_area_within_one_level():
         differing += int((d > 0).sum())
         total += d.size
     assert differing / total < 0.005, differing / total
+
+
+def test_exact_average_rounded_half_up():
+    """Oracle without tap tables: repeat every pixel out_h x out_w times, so
+    each output pixel's interval is a whole block of crop_h x crop_w copies;
+    the block sum / (crop_h * crop_w), rounded half up, is the exact area
+    average. Equal everywhere, .5 ties included (flat content makes many)."""
+    for img, top, left, ch, cw, oh, ow in _cases(2, 400):
+        if ch * cw * oh * ow > 4_000_000:  # keep the oracle's arrays small
+            continue
+        crop = img[top:top + ch, left:left + cw].astype(np.int64)
+        rep = np.repeat(np.repeat(crop, oh, axis=0), ow, axis=1)
+        total = rep.reshape(oh, ch, ow, cw, 3).sum(axis=(1, 3))
+        want = (2 * total + ch * cw) // (2 * ch * cw)
+        out = np.empty((oh, ow, 3), np.uint8)
+        area_resize_crop(img, top, left, ch, cw, out)
+        np.testing.assert_array_equal(out, want, err_msg=str((img.shape, top, left, ch, cw, oh, ow)))
+
+
+@pytest.mark.parametrize("chw", [True, False])
+def test_normalize_variant_is_table_of_the_uint8_resize(chw):
+    """area_resize_normalize == lut[c, area_resize_crop(...)], mirrored when
+    flipped, in CHW or HWC order: bitwise."""
+    rng = np.random.default_rng(3)
+    lut = rng.standard_normal((3, 256)).astype(np.float32)
+    for t, (img, top, left, ch, cw, oh, _) in enumerate(_cases(4, 300)):
+        size = min(oh, ch, cw)
+        flip = bool(t % 2)
+        levels = np.empty((size, size, 3), np.uint8)
+        area_resize_crop(img, top, left, ch, cw, levels)
+        want = lut[np.arange(3), levels]  # [size, size, 3] values
+        want = want[:, ::-1] if flip else want
+        want = want.transpose(2, 0, 1) if chw else want
+        out = np.empty(3 * size * size, np.float32)
+        area_resize_normalize(img, top, left, ch, cw, size, flip, lut, out, chw)
+        np.testing.assert_array_equal(out, want.reshape(-1))
 
 
 def test_identity_and_exact_halving():
@@ -52,6 +89,7 @@ def test_identity_and_exact_halving():
 
 
 @pytest.mark.parametrize("crop,out,ok", [((32, 32), (32, 32), True), ((31, 64), (32, 32), False),
-                                         ((64, 31), (32, 32), False), ((100, 40), (32, 32), True)])
+                                         ((64, 31), (32, 32), False), ((100, 40), (32, 32), True),
+                                         ((MAX_CROP_AREA // 4096 + 1, 4096), (32, 32), False)])
 def test_only_downscaling_is_handled(crop, out, ok):
     assert can_area_resize(crop[0], crop[1], out[0], out[1]) == ok
