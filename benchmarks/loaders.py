@@ -5,9 +5,12 @@
 DIR is a converted store (an OUT_DIR of dataset_tools/convert.py) or an
 ImageFolder (``DIR/<class>/<image>``, or ``DIR/<split>/<class>/<image>``), which
 is converted once into a cache folder (``--write-mode jpg`` by default, so FFCV
-decodes JPEGs too, and ``--student-resolution`` so the low-res store exists). Every variant produces the same thing: a train epoch of
-``resolution``-pixel random-resized crops + flips (fresh views each epoch),
-normalized float batches on the training device.
+decodes JPEGs too, and ``--student-resolution`` so the low-res store exists).
+Every variant produces the same thing: a train epoch of ``resolution``-pixel
+random-resized crops + flips (fresh views each epoch), normalized float
+batches on the training device. ``ffcv_stock*`` are FFCV's own decoders on
+the same files (:mod:`benchmarks.stock_ffcv`); each of our FFCV variants also
+reports ``ratio_to_stock_ffcv``.
 
 Each variant runs in a fresh subprocess, so its peak memory (process + worker
 processes, see :class:`benchmarks.common.PeakRSS`) is its own and a crash or
@@ -41,7 +44,12 @@ VARIANTS = {
     "ffcv_exact": ("ffcv", {"reduced_decode": False}, "jpeg"),
     "ffcv_lowres": ("ffcv", {"lowres": True}, "lowres"),
     "dali": ("dali", {}, "jpeg"),
+    # FFCV's own decoders on the same files (benchmarks/stock_ffcv.py)
+    "ffcv_stock": ("ffcv_stock", {}, "jpeg"),
+    "ffcv_stock_lowres": ("ffcv_stock", {"lowres": True}, "lowres"),
 }
+# our variant -> the stock FFCV variant reading the same file
+STOCK_OF = {"ffcv": "ffcv_stock", "ffcv_exact": "ffcv_stock", "ffcv_lowres": "ffcv_stock_lowres"}
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
@@ -78,7 +86,7 @@ def describe_source(manifest: dict, backend: str, lowres: bool) -> str:
     """What a variant decodes: the FFCV file's storage, or the shards' images."""
     if lowres:
         return "lowres"
-    if backend == "ffcv":
+    if backend.startswith("ffcv"):
         mode = manifest["options"]["write_mode"]
     else:  # reference and dali read the webdataset shards (source JPEGs kept as they are)
         mode = manifest["stores"]["dali"]["image_ext"]
@@ -108,7 +116,11 @@ def run_variant(name: str, store: str, resolution: int, batch_size: int, workers
         return n
 
     with PeakRSS() as mem:
-        loader = create_loader(cfg)
+        if backend == "ffcv_stock":
+            from benchmarks.stock_ffcv import StockFFCVLoader
+            loader = StockFFCVLoader(cfg)
+        else:
+            loader = create_loader(cfg)
         try:
             for _ in range(warmup):
                 run_epoch(loader)
@@ -182,8 +194,8 @@ def main(argv=None) -> int:
                          "time), so load from other work on a shared machine hits all alike")
     ap.add_argument("--backends", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                     metavar="VARIANT", help=f"variants to run (default: all of {list(VARIANTS)})")
-    ap.add_argument("--cache-dir", type=Path,
-                    default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cqkd" / "bench_stores")
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    ap.add_argument("--cache-dir", type=Path, default=cache_home / "cqkd" / "bench_stores")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per variant")
     ap.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     ap.add_argument("--_variant", help=argparse.SUPPRESS)  # child mode: measure one variant
@@ -208,6 +220,10 @@ def main(argv=None) -> int:
     for r in results.values():
         if "images_per_sec" in r:
             r["ratio_to_reference"] = r["images_per_sec"] / ref if ref else None
+    for name, stock in STOCK_OF.items():
+        if "images_per_sec" in results.get(name, {}) and "images_per_sec" in results.get(stock, {}):
+            results[name]["ratio_to_stock_ffcv"] = (results[name]["images_per_sec"]
+                                                    / results[stock]["images_per_sec"])
     machine = {**machine_info(), "load_avg_1m_before": load_before,
                "load_avg_1m_after": os.getloadavg()[0]}  # other work on the machine skews numbers
     report = {"results": results, "machine": machine,
