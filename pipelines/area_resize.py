@@ -104,17 +104,20 @@ def _vertical_pass(image, top, left, crop_h, crop_w, out_h, out_w, iscratch, row
     return x_first, x_count, x_weight, x_stride, n + _PAD
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _level(total, half, inv):
-    """Round half up ``total / P`` (``half = P``, ``inv = 1 / 2P``):
-    floor((2 total + P) / 2P). The float64 product is within 1e-13 of that
-    quotient, and a non-integer quotient is >= 1/2P below the next integer,
-    so adding 1e-9 before truncating gives the exact floor."""
-    return int((2.0 * total + half) * inv + 1e-9)
+_ROUND = 0.5 + 1e-9
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _horizontal_row(acc, x_first, x_count, x_weight, x_stride, out_w, half, inv, levels):
+def _level(total, inv):
+    """``total / P`` rounded half up, exactly (``inv = 1 / P``). In float64,
+    ``total * inv + 0.5`` is within 1e-13 of ``(2 total + P) / 2P``; when that
+    is not an integer it lies >= 1/2P (> 5e-8, see MAX_CROP_AREA) below the
+    next one, so adding 1e-9 before truncating gives the exact floor."""
+    return int(total * inv + _ROUND)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _horizontal_row(acc, x_first, x_count, x_weight, x_stride, out_w, inv, levels):
     """One output row: the horizontal weights over ``acc`` (a vertical-pass
     row), rounded, into ``levels`` (uint8, ``out_w * 3``, RGB interleaved).
     Downscaling by less than 2 (every low-res crop) has at most 3 taps per
@@ -128,7 +131,7 @@ def _horizontal_row(acc, x_first, x_count, x_weight, x_stride, out_w, half, inv,
             w2 = np.int32(x_weight[x * 3 + 2])
             for c in range(3):
                 total = w0 * acc[p + c] + w1 * acc[p + 3 + c] + w2 * acc[p + 6 + c]
-                levels[3 * x + c] = _level(total, half, inv)
+                levels[3 * x + c] = _level(total, inv)
     else:
         for x in range(out_w):
             for c in range(3):
@@ -136,7 +139,7 @@ def _horizontal_row(acc, x_first, x_count, x_weight, x_stride, out_w, half, inv,
                 total = 0
                 for k in range(x_count[x]):
                     total += np.int32(x_weight[x * x_stride + k]) * acc[p + 3 * k]
-                levels[3 * x + c] = _level(total, half, inv)
+                levels[3 * x + c] = _level(total, inv)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -151,10 +154,10 @@ def area_resize_crop(image, top, left, crop_h, crop_w, out):
     iscratch, rows_scratch = np.empty(ni, np.int64), np.empty(na, np.int32)
     x_first, x_count, x_weight, x_stride, row = _vertical_pass(
         image, top, left, crop_h, crop_w, out_h, out_w, iscratch, rows_scratch)
-    half, inv = np.float64(crop_h * crop_w), 1.0 / (2.0 * crop_h * crop_w)
+    inv = 1.0 / (crop_h * crop_w)
     for y in range(out_h):
         _horizontal_row(rows_scratch[y * row:(y + 1) * row], x_first, x_count, x_weight,
-                        x_stride, out_w, half, inv, out[y].reshape(out_w * 3))
+                        x_stride, out_w, inv, out[y].reshape(out_w * 3))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -168,12 +171,12 @@ def area_resize_normalize(image, top, left, crop_h, crop_w, size, flip, lut, out
     iscratch, rows_scratch = np.empty(ni, np.int64), np.empty(na, np.int32)
     x_first, x_count, x_weight, x_stride, row = _vertical_pass(
         image, top, left, crop_h, crop_w, size, size, iscratch, rows_scratch)
-    half, inv = np.float64(crop_h * crop_w), 1.0 / (2.0 * crop_h * crop_w)
+    inv = 1.0 / (crop_h * crop_w)
     levels = rows_scratch[size * row:size * row + size * 3].view(np.uint8)[:size * 3]
     last = size - 1
     for y in range(size):
         _horizontal_row(rows_scratch[y * row:(y + 1) * row], x_first, x_count, x_weight,
-                        x_stride, size, half, inv, levels)
+                        x_stride, size, inv, levels)
         if chw:
             for c in range(3):
                 table = lut[c]
