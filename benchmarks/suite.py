@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.loaders import STOCK_OF
 from trainer.checkpoint import atomic_write_bytes
 
 SUITES = ("loaders", "step", "convert", "e2e")
@@ -62,6 +63,11 @@ def loaders_figures(rep: dict) -> dict:
             out[f"{name}.ratio_to_reference"] = figure(
                 r["images_per_sec"] / ref, min(rates) / ref, max(rates) / ref, len(rates),
                 "x reference", True, "relative", mem)
+        stock = results.get(STOCK_OF.get(name, ""), {}).get("images_per_sec")
+        if stock:
+            out[f"{name}.ratio_to_stock_ffcv"] = figure(
+                r["images_per_sec"] / stock, min(rates) / stock, max(rates) / stock, len(rates),
+                "x stock FFCV", True, "relative", mem)
         if mem is not None:
             out[f"{name}.peak_rss_mb"] = figure(mem, unit="MiB", higher=False, peak_rss_mb=mem)
     return out

@@ -138,6 +138,10 @@ def test_suite_figures_from_reports():
                       "peak_rss_mb": 50.0},
         "ffcv": {"images_per_sec": 400.0, "window_rates": [500.0, 400.0], "images_per_epoch": 1000,
                  "peak_rss_mb": 70.0},
+        "ffcv_stock": {"images_per_sec": 200.0, "window_rates": [200.0], "images_per_epoch": 1000,
+                       "peak_rss_mb": 90.0},
+        "ffcv_lowres": {"images_per_sec": 900.0, "window_rates": [900.0], "images_per_epoch": 1000,
+                        "peak_rss_mb": 60.0},  # its stock twin is absent: no stock ratio
         "dali": {"error": "exit 1: no DALI"}}}
     f = suite.loaders_figures(loaders)
     assert f["ffcv.ratio_to_reference"]["median"] == 4.0
@@ -145,6 +149,9 @@ def test_suite_figures_from_reports():
     assert f["ffcv.ratio_to_reference"]["scope"] == "relative"
     assert f["reference.images_per_sec"]["spread"] == [80.0, 100.0]
     assert f["ffcv.peak_rss_mb"]["higher_is_better"] is False
+    assert f["ffcv.ratio_to_stock_ffcv"]["median"] == 2.0
+    assert f["ffcv.ratio_to_stock_ffcv"]["spread"] == [2.0, 2.5]
+    assert "ffcv_lowres.ratio_to_stock_ffcv" not in f and "ffcv_stock.ratio_to_stock_ffcv" not in f
     assert not any(k.startswith("dali") for k in f)
     summary = {"median": 200.0, "min": 190.0, "max": 210.0, "n": 2, "spread": 0.1}
     e2e = {"results": {
