@@ -16,14 +16,12 @@ from typing import Optional
 
 import cv2
 import numpy as np
-from ffcv.fields.rgb_image import encode_jpeg, resizer
-from ffcv.libffcv import imdecode
 from PIL import Image
 
 from dataset_tools.decode import load_item
+from dataset_tools.ffcv_codec import JPG_MODE, RAW_MODE, ImageRecord, encode_jpeg, imdecode, resizer
 from dataset_tools.manifest import channel_sums, sample_pixel_digest
 from dataset_tools.sources import BadInput, SourceItem
-from dataset_tools.writers import JPG_MODE, RAW_MODE, ImageRecord
 
 # Test hook: seconds each worker sleeps per item, so a test can kill a run midway.
 DELAY_ENV = "CQKD_CONVERT_ITEM_DELAY"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,22 +24,13 @@ from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter, handle_sample
 
+from dataset_tools.ffcv_codec import JPG_MODE, RAW_MODE, ImageRecord
 from dataset_tools.manifest import file_sha256
 
 DEFAULT_PAGE_SIZE = 4 * MIN_PAGE_SIZE  # FFCV's default (8 MiB)
-JPG_MODE = int(IMAGE_MODES["jpg"])
-RAW_MODE = int(IMAGE_MODES["raw"])
-
-
-@dataclass
-class ImageRecord:
-    """One image as FFCV stores it: mode (JPG_MODE/RAW_MODE), size, payload
-    (JPEG bytes or HxWx3 pixels, flattened uint8)."""
-
-    mode: int
-    height: int
-    width: int
-    payload: np.ndarray
+if (JPG_MODE, RAW_MODE) != (IMAGE_MODES["jpg"], IMAGE_MODES["raw"]):
+    raise ImportError(f"this FFCV numbers its image modes {dict(IMAGE_MODES)}; "
+                      f"dataset_tools/ffcv_codec.py expects FFCV 1.0.2's (jpg 0, raw 1)")
 
 
 class RecordTooLarge(ValueError):

@@ -4,9 +4,11 @@ FFCV's own ``RandomResizedCropRGBImageDecoder`` draws crops from numpy's
 global RNG inside the compiled decode loop, so its crops cannot be replayed
 or looked up in a teacher-logit cache. :class:`ViewCropDecoder` keeps FFCV's
 machinery (``ResizedCropRGBImageDecoder`` allocation, libturbojpeg decode,
-OpenCV ``INTER_AREA`` resize, numba ``prange`` over the batch) and replaces the
-crop source: per sample ``(seed, index, view id) -> view_box -> box_to_pixels``
-on the decoded image, resize to the student (and teacher) size, then flip.
+numba ``prange`` over the batch) and replaces the crop source: per sample
+``(seed, index, view id) -> view_box -> box_to_pixels`` on the decoded image,
+``INTER_AREA`` resize to the student (and teacher) size (numba,
+:mod:`pipelines.area_resize`, when downscaling; FFCV's OpenCV call
+otherwise), then flip.
 
 One decoder writes one *packed row* per sample, so the JPEG is decoded once
 for both views and one host->device copy moves everything::
