@@ -127,7 +127,9 @@ def _parallel_map(fn, items: list, workers: int, chunksize: int,
     # Not "fork": a process that already ran OpenCV (or any thread pool) would
     # hand its workers locks held by threads that do not exist in the child;
     # cv2.setNumThreads in worker_init then hangs forever. A fork server is a
-    # clean, single-threaded process started once.
+    # clean, single-threaded process started once. Its workers import what
+    # ``fn`` needs at start, so dataset_tools.records stays free of torch,
+    # numba and ffcv (see dataset_tools/ffcv_codec.py; tested).
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     gate, stop = threading.Semaphore(max(chunksize * workers * 4, chunksize)), threading.Event()
 
