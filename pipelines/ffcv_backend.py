@@ -49,8 +49,12 @@ Threads and memory. FFCV runs each epoch in an ``EpochIterator`` thread and
 allocates its batch buffers per epoch; a consumer that breaks out early leaves
 that thread blocked on its queue. Here one FFCV ``Loader`` lives as long as
 this object, its buffers are allocated once, and the epoch thread is always
-stopped and joined (end of epoch, early break, next ``__iter__``, ``close``).
-FFCV sets torch's and numba's thread count to ``num_workers``.
+stopped and joined (end of epoch, early break, next ``__iter__``, ``close``,
+garbage collection). Each FFCV Loader compiles its pipeline, and numba never
+frees compiled code (~8 MB per Loader), so a closed or collected loader hands
+its FFCV Loader to :mod:`pipelines.ffcv_pool`, and the next loader with the
+same settings reuses it: recreating the loader every epoch no longer grows
+memory (tested). FFCV sets torch's and numba's thread count to ``num_workers``.
 
 Speed on CPU: the decode kernel also normalizes (a per-channel lookup table
 with the same float32 values as ``finish_batch``, applied as the resize
@@ -66,6 +70,7 @@ on disk, so a new loader costs ~1 s of compilation instead of ~10 s.
 from __future__ import annotations
 
 import queue
+import weakref
 from typing import Iterator, Optional
 
 import numba
@@ -83,6 +88,7 @@ from ffcv.traversal_order.quasi_random import QuasiRandom
 from ffcv.transforms import ToDevice, ToTensor
 
 from dataset_tools.store import MANIFEST_NAME, StoreError
+from pipelines import ffcv_pool
 from pipelines.batch import Batch
 from pipelines.ffcv_ops import (T_INDEX, T_STATUS, T_VIEW, EpochCell, ViewCropDecoder,
                                 split_normalized, split_packed)
@@ -212,6 +218,24 @@ def _memoize_allocations(loader: Loader) -> None:
     graph.allocate_memory = allocate_memory
 
 
+class _Lease:
+    """The epoch thread running on a pooled FFCV Loader. Owned by one
+    FFCVLoader; its finalizer calls :meth:`release` (no reference back), so
+    the Loader returns to the pool only once no thread uses its buffers."""
+
+    def __init__(self):
+        self.active: Optional[_EpochThread] = None
+
+    def stop(self) -> None:
+        thread, self.active = self.active, None
+        if thread is not None:
+            thread.stop()
+
+    def release(self, key, entry) -> None:
+        self.stop()
+        ffcv_pool.give(key, entry)
+
+
 class FFCVLoader(BaseLoader):
     """The FFCV implementation of the loader contract (see module docstring).
 
@@ -237,15 +261,27 @@ class FFCVLoader(BaseLoader):
         if self.student_res <= 0 or self.teacher_res < 0:
             raise ValueError(f"resolutions must be positive, got student={self.student_res}, "
                              f"teacher={self.teacher_res}")
-        self._epoch_cell = EpochCell()
         if normalize_in_decoder is None:
             normalize_in_decoder = self.device.type == "cpu"
         self._lut = None
         if normalize_in_decoder:  # a table computed exactly as _normalize computes
             levels = torch.arange(256, dtype=torch.float32).view(1, 1, 1, 256).to(self.device)
             self._lut = ((levels - self._mean) / self._std).view(3, 256).cpu().numpy()
-        self._active: Optional[_EpochThread] = None
-        self._loader = self._build(os_cache, batches_ahead)
+        # An idle compiled FFCV Loader with the same settings, or a new one (see
+        # pipelines.ffcv_pool: numba never frees a Loader's compiled code).
+        stat = self.path.stat()
+        key = (str(self.path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns,
+               self.store.fingerprint, repr(cfg), self.rank, self.world_size, os_cache,
+               batches_ahead, None if self._lut is None else self._lut.tobytes())
+        entry = ffcv_pool.take(key)
+        if entry is None:
+            self._epoch_cell = EpochCell()
+            entry = (self._build(os_cache, batches_ahead), self._epoch_cell)
+        self._loader, self._epoch_cell = entry
+        self._lease = _Lease()
+        # back to the pool on close() or when this object is collected
+        self._release = weakref.finalize(self, self._lease.release, key, entry)
+        self._release.atexit = False
 
     # -- construction -------------------------------------------------------
 
@@ -300,7 +336,7 @@ class FFCVLoader(BaseLoader):
     def __iter__(self) -> Iterator[Batch]:
         if self._loader is None:
             raise RuntimeError("this FFCVLoader is closed")
-        self._stop_active()
+        self._lease.stop()
         epoch = self.epoch
         self._epoch_cell.set(epoch)
         loader = self._loader
@@ -308,7 +344,7 @@ class FFCVLoader(BaseLoader):
         order = loader.traversal_order.sample_order(epoch)
         order = order[:len(loader) * loader.batch_size]
         thread = _EpochThread(loader, order)
-        self._active = thread
+        self._lease.active = thread
         meta = loader.reader.metadata
         labels = meta[f"f{loader.field_name_to_f_ix['label']}"]
         index_field = meta[f"f{loader.field_name_to_f_ix['index']}"]
@@ -318,7 +354,7 @@ class FFCVLoader(BaseLoader):
                 chunk = order[start:start + loader.batch_size]
                 yield self._assemble(packed, labels[chunk], index_field[chunk], epoch)
         finally:
-            self._stop_active()
+            self._lease.stop()
 
     def _view_ids(self, indices: np.ndarray, epoch: int) -> np.ndarray:
         """``view_ids_for`` with the epoch this iteration started with."""
@@ -356,11 +392,7 @@ class FFCVLoader(BaseLoader):
         if not np.array_equal(trailer[:, T_VIEW], vids):  # a bug here, not bad data
             raise RuntimeError("FFCV decoder and Python disagree on view ids")
 
-    def _stop_active(self) -> None:
-        thread, self._active = self._active, None
-        if thread is not None:
-            thread.stop()
-
     def close(self) -> None:
-        self._stop_active()
+        """Stop the epoch thread and hand the FFCV Loader back to the pool."""
+        self._release()
         self._loader = None
