@@ -164,6 +164,13 @@ class _EpochThread(EpochIterator):
             yield batch
 
     def run(self):
+        # prange hands out chunks of ~1/8 of a thread's share as threads free
+        # up (thread-local setting, so set here). With numba's default of
+        # one static share per thread, each batch waited for whichever
+        # thread this thread's or the training thread's Python preempted:
+        # low-res batches are 10-25 % faster this way on 2 cores (measured).
+        loader = self.loader
+        numba.set_parallel_chunksize(max(1, loader.batch_size // (8 * loader.num_workers)))
         try:
             super().run()
         except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
