@@ -25,8 +25,9 @@ def store(imagenette_subset, tmp_path_factory):
 
 @pytest.mark.slow  # one fresh process per variant, FFCV compiles its pipelines in each (~1 min)
 def test_report_covers_our_ffcv_and_stock_ffcv(store):
-    if backend_import_error("ffcv"):
-        pytest.skip(backend_import_error("ffcv"))
+    why = backend_import_error("ffcv")
+    if why:
+        pytest.skip(why)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = loaders_main(["--data", str(store), "--resolution", "16", "--batch-size", "16",
