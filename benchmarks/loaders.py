@@ -9,8 +9,13 @@ decodes JPEGs too, and ``--student-resolution`` so the low-res store exists).
 Every variant produces the same thing: a train epoch of ``resolution``-pixel
 random-resized crops + flips (fresh views each epoch), normalized float
 batches on the training device. ``ffcv_stock*`` are FFCV's own decoders on
-the same files (:mod:`benchmarks.stock_ffcv`); each of our FFCV variants also
-reports ``ratio_to_stock_ffcv``.
+the same files (:mod:`benchmarks.stock_ffcv`) and ``dali_stock`` DALI's own
+reader and operators on the same shards (:mod:`benchmarks.stock_dali`); each
+of our FFCV variants also reports ``ratio_to_stock_ffcv``, our DALI variant
+``ratio_to_stock_dali``. ``torchvision_stock`` is ImageFolder +
+torchvision transforms + DataLoader on the source folder
+(:mod:`benchmarks.stock_torchvision`, a user's usual starting point); every
+variant reports ``ratio_to_torchvision_stock`` when it ran.
 
 Each variant runs in a fresh subprocess, so its peak memory (process + worker
 processes, see :class:`benchmarks.common.PeakRSS`) is its own and a crash or
@@ -47,10 +52,22 @@ VARIANTS = {
     # FFCV's own decoders on the same files (benchmarks/stock_ffcv.py)
     "ffcv_stock": ("ffcv_stock", {}, "jpeg"),
     "ffcv_stock_lowres": ("ffcv_stock", {"lowres": True}, "lowres"),
+    # DALI's stock operators on the same shards (benchmarks/stock_dali.py)
+    "dali_stock": ("dali_stock", {}, "jpeg"),
+    # ImageFolder + torchvision transforms + DataLoader (benchmarks/stock_torchvision.py)
+    "torchvision_stock": ("torchvision_stock", {}, "jpeg"),
 }
-# our variant -> the stock FFCV variant reading the same file
-STOCK_OF = {"ffcv": "ffcv_stock", "ffcv_exact": "ffcv_stock", "ffcv_lowres": "ffcv_stock_lowres"}
+# our variant -> the same library's stock pipeline on the same file
+STOCK_OF = {"ffcv": "ffcv_stock", "ffcv_exact": "ffcv_stock", "ffcv_lowres": "ffcv_stock_lowres",
+            "dali": "dali_stock"}
+TV_STOCK = "torchvision_stock"  # every variant also reports its ratio to this one
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def stock_ratio_key(name: str) -> str:
+    """``ratio_to_stock_ffcv`` / ``ratio_to_stock_dali``: the field holding a
+    variant's ratio to its library's stock pipeline (:data:`STOCK_OF`)."""
+    return "ratio_to_stock_" + VARIANTS[STOCK_OF[name]][0].removesuffix("_stock")
 
 
 def _is_image_folder(d: Path) -> bool:
@@ -88,7 +105,8 @@ def describe_source(manifest: dict, backend: str, lowres: bool) -> str:
         return "lowres"
     if backend.startswith("ffcv"):
         mode = manifest["options"]["write_mode"]
-    else:  # reference and dali read the webdataset shards (source JPEGs kept as they are)
+    else:  # reference and dali read the webdataset shards (source JPEGs kept as they are;
+        # torchvision_stock reads the same images from the source folder)
         mode = manifest["stores"]["dali"]["image_ext"]
     return mode.replace("jpg", "jpeg")
 
@@ -119,6 +137,12 @@ def run_variant(name: str, store: str, resolution: int, batch_size: int, workers
         if backend == "ffcv_stock":
             from benchmarks.stock_ffcv import StockFFCVLoader
             loader = StockFFCVLoader(cfg)
+        elif backend == "dali_stock":
+            from benchmarks.stock_dali import StockDALILoader
+            loader = StockDALILoader(cfg)
+        elif backend == TV_STOCK:
+            from benchmarks.stock_torchvision import StockTorchvisionLoader
+            loader = StockTorchvisionLoader(cfg)
         else:
             loader = create_loader(cfg)
         try:
@@ -222,8 +246,12 @@ def main(argv=None) -> int:
             r["ratio_to_reference"] = r["images_per_sec"] / ref if ref else None
     for name, stock in STOCK_OF.items():
         if "images_per_sec" in results.get(name, {}) and "images_per_sec" in results.get(stock, {}):
-            results[name]["ratio_to_stock_ffcv"] = (results[name]["images_per_sec"]
+            results[name][stock_ratio_key(name)] = (results[name]["images_per_sec"]
                                                     / results[stock]["images_per_sec"])
+    tv = results.get(TV_STOCK, {}).get("images_per_sec")
+    for r in results.values():
+        if tv and "images_per_sec" in r:
+            r["ratio_to_torchvision_stock"] = r["images_per_sec"] / tv
     machine = {**machine_info(), "load_avg_1m_before": load_before,
                "load_avg_1m_after": os.getloadavg()[0]}  # other work on the machine skews numbers
     report = {"results": results, "machine": machine,
@@ -235,13 +263,17 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"{'variant':16s} {'source':7s} {'img/s':>9s} {'x ref':>7s} {'peak MB':>8s}")
+        print(f"{'variant':18s} {'source':7s} {'img/s':>9s} {'x ref':>7s} {'x tv':>7s} "
+              f"{'peak MB':>8s}")
         for name, r in results.items():
             if "error" in r:
-                print(f"{name:16s} {r['source']:7s} ERROR {r['error']}")
+                print(f"{name:18s} {r['source']:7s} ERROR {r['error']}")
             else:
-                print(f"{name:16s} {r['source']:7s} {r['images_per_sec']:9.0f} "
-                      f"{r['ratio_to_reference']:7.2f} {r['peak_rss_mb']:8.0f}")
+                tv_ratio = r.get("ratio_to_torchvision_stock")
+                print(f"{name:18s} {r['source']:7s} {r['images_per_sec']:9.0f} "
+                      f"{r['ratio_to_reference']:7.2f} "
+                      f"{'' if tv_ratio is None else format(tv_ratio, '7.2f'):>7s} "
+                      f"{r['peak_rss_mb']:8.0f}")
     return 0
 
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.loaders import STOCK_OF
+from benchmarks.loaders import STOCK_OF, TV_STOCK, stock_ratio_key
 from trainer.checkpoint import atomic_write_bytes
 
 SUITES = ("loaders", "step", "convert", "e2e")
@@ -52,6 +52,7 @@ def loaders_figures(rep: dict) -> dict:
     out = {}
     results = rep["results"]
     ref = results.get("reference", {}).get("images_per_sec")
+    tv = results.get(TV_STOCK, {}).get("images_per_sec")
     for name, r in results.items():
         if "images_per_sec" not in r:
             continue
@@ -59,15 +60,17 @@ def loaders_figures(rep: dict) -> dict:
         mem = r.get("peak_rss_mb")
         out[f"{name}.images_per_sec"] = figure(r["images_per_sec"], min(rates), max(rates), len(rates),
                                                "images/s", True, "absolute", mem)
-        if name != "reference" and ref:
-            out[f"{name}.ratio_to_reference"] = figure(
-                r["images_per_sec"] / ref, min(rates) / ref, max(rates) / ref, len(rates),
-                "x reference", True, "relative", mem)
         stock = results.get(STOCK_OF.get(name, ""), {}).get("images_per_sec")
-        if stock:
-            out[f"{name}.ratio_to_stock_ffcv"] = figure(
-                r["images_per_sec"] / stock, min(rates) / stock, max(rates) / stock, len(rates),
-                "x stock FFCV", True, "relative", mem)
+        bases = (("ratio_to_reference", None if name == "reference" else ref, "x reference"),
+                 (stock and stock_ratio_key(name), stock,
+                  stock and "x " + stock_ratio_key(name)[len("ratio_to_"):].replace("_", " ")),
+                 ("ratio_to_torchvision_stock", None if name == TV_STOCK else tv,
+                  "x stock torchvision"))
+        for key, base, unit in bases:
+            if base:
+                out[f"{name}.{key}"] = figure(
+                    r["images_per_sec"] / base, min(rates) / base, max(rates) / base, len(rates),
+                    unit, True, "relative", mem)
         if mem is not None:
             out[f"{name}.peak_rss_mb"] = figure(mem, unit="MiB", higher=False, peak_rss_mb=mem)
     return out

@@ -142,8 +142,11 @@ def test_suite_figures_from_reports():
                        "peak_rss_mb": 90.0},
         "ffcv_lowres": {"images_per_sec": 900.0, "window_rates": [900.0], "images_per_epoch": 1000,
                         "peak_rss_mb": 60.0},  # its stock twin is absent: no stock ratio
+        "torchvision_stock": {"images_per_sec": 50.0, "window_rates": [50.0],
+                              "images_per_epoch": 1000, "peak_rss_mb": 40.0},
         "dali": {"error": "exit 1: no DALI"}}}
     f = suite.loaders_figures(loaders)
+    assert f["ffcv.ratio_to_stock_ffcv"]["unit"] == "x stock ffcv"
     assert f["ffcv.ratio_to_reference"]["median"] == 4.0
     assert f["ffcv.ratio_to_reference"]["spread"] == [4.0, 5.0]
     assert f["ffcv.ratio_to_reference"]["scope"] == "relative"
@@ -152,7 +155,15 @@ def test_suite_figures_from_reports():
     assert f["ffcv.ratio_to_stock_ffcv"]["median"] == 2.0
     assert f["ffcv.ratio_to_stock_ffcv"]["spread"] == [2.0, 2.5]
     assert "ffcv_lowres.ratio_to_stock_ffcv" not in f and "ffcv_stock.ratio_to_stock_ffcv" not in f
+    assert f["ffcv.ratio_to_torchvision_stock"]["spread"] == [8.0, 10.0]
+    assert f["reference.ratio_to_torchvision_stock"]["median"] == 2.0
+    assert "torchvision_stock.ratio_to_torchvision_stock" not in f
+    assert f["torchvision_stock.ratio_to_reference"]["median"] == 0.5
     assert not any(k.startswith("dali") for k in f)
+    loaders["results"]["dali"] = {"images_per_sec": 300.0, "window_rates": [300.0],
+                                  "images_per_epoch": 1000, "peak_rss_mb": 80.0}
+    loaders["results"]["dali_stock"] = dict(loaders["results"]["dali"], images_per_sec=200.0)
+    assert suite.loaders_figures(loaders)["dali.ratio_to_stock_dali"]["median"] == 1.5
     summary = {"median": 200.0, "min": 190.0, "max": 210.0, "n": 2, "spread": 0.1}
     e2e = {"results": {
         "student_kd": {"images_per_sec": summary, "val_ece": 0.05, "val_top1": 0.4, "peak_rss_mb": 1.0},
