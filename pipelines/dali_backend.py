@@ -73,10 +73,10 @@ then ``fn.crop_mirror_normalize``: flip, ``(x - mean) / std`` and the CHW
 (HWC for ``channels_last``) layout in one operator, in DALI's thread pool
 rather than on the training thread, handed to torch zero-copy through
 DLPack. It multiplies by ``1/std``, so values may differ from
-:meth:`BaseLoader.finish_batch`'s division by one float32 ulp (the pixels
+:meth:`BaseLoader.finish_batch`'s division by float32 rounding (the pixels
 round-trip exactly; tested). Separate ``fn.flip``, arithmetic and
 ``fn.transpose`` operators gave bitwise equality but cost 18-25 % of the
-throughput on CIFAR's 32 px PNGs (10.4-11.4k against 13.0-13.6k img/s, A/B
+throughput on CIFAR's 32 px PNGs (10.4-11.4k against 12.3-13.6k img/s, A/B
 on 2 cores), where per-operator, per-sample overhead outweighs decoding.
 
 Errors
