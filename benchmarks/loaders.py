@@ -241,17 +241,16 @@ def main(argv=None) -> int:
             runs[name].append(measure_in_subprocess(name, args, store))
     results = {name: combine_rounds(rs) for name, rs in runs.items()}
     ref = results["reference"].get("images_per_sec")
+    tv = results.get(TV_STOCK, {}).get("images_per_sec")
     for r in results.values():
         if "images_per_sec" in r:
             r["ratio_to_reference"] = r["images_per_sec"] / ref if ref else None
+            if tv:
+                r["ratio_to_torchvision_stock"] = r["images_per_sec"] / tv
     for name, stock in STOCK_OF.items():
         if "images_per_sec" in results.get(name, {}) and "images_per_sec" in results.get(stock, {}):
             results[name][stock_ratio_key(name)] = (results[name]["images_per_sec"]
                                                     / results[stock]["images_per_sec"])
-    tv = results.get(TV_STOCK, {}).get("images_per_sec")
-    for r in results.values():
-        if tv and "images_per_sec" in r:
-            r["ratio_to_torchvision_stock"] = r["images_per_sec"] / tv
     machine = {**machine_info(), "load_avg_1m_before": load_before,
                "load_avg_1m_after": os.getloadavg()[0]}  # other work on the machine skews numbers
     report = {"results": results, "machine": machine,

@@ -13,8 +13,6 @@ shards store them as text); an epoch drops the last partial batch.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from dataset_tools.store import open_store
 from pipelines.dali_import import import_dali
 from pipelines.loader import LoaderConfig
@@ -69,7 +67,7 @@ class StockDALILoader:
             yield out["images"]
 
     def __len__(self) -> int:
-        return int(np.floor(self._iter.size / self._iter.batch_size))
+        return self._iter.size // self._iter.batch_size  # last partial batch dropped
 
     def close(self) -> None:
         self._iter = None
