@@ -125,12 +125,15 @@ class BaseLoader(abc.ABC):
         self.close()
 
     def finish_batch(self, student: torch.Tensor, labels, indices, view_ids,
-                     teacher: Optional[torch.Tensor] = None) -> Batch:
+                     teacher: Optional[torch.Tensor] = None,
+                     params: Optional[tuple[np.ndarray, np.ndarray]] = None) -> Batch:
         """Uint8 images (NCHW or NHWC, any device) -> normalized float Batch on
-        the training device, with the view parameters of each sample."""
+        the training device, with the view parameters of each sample
+        (``params``: the ``view_params(indices, view_ids)`` a backend already
+        computed for these samples)."""
         idx_np = np.asarray(indices.cpu() if torch.is_tensor(indices) else indices, dtype=np.int64)
         vid_np = np.asarray(view_ids.cpu() if torch.is_tensor(view_ids) else view_ids, dtype=np.int64)
-        boxes, flips = view_params(self.views, idx_np, vid_np)
+        boxes, flips = view_params(self.views, idx_np, vid_np) if params is None else params
         dev = self.device
         return Batch(
             student=self._normalize(student),

@@ -32,6 +32,7 @@ from torchvision.datasets import ImageFolder
 
 from dataset_tools.store import StoreError
 from pipelines.dali_backend import DALILoader, pixel_box_nodes
+from pipelines.dali_feed import BatchSource
 from pipelines.loader import LoaderConfig, create_loader
 from pipelines.views import box_to_pixels, epoch_view_ids, view_params
 
@@ -299,6 +300,38 @@ def test_early_break_leaves_no_stale_batches(png_store):
     loader.close()  # twice is fine
 
 
+@pytest.mark.parametrize("kind", ["jpeg", "png", "varsize"])
+def test_padded_feed_equals_per_sample_feed(kind, jpeg_store, png_store, varsize, monkeypatch):
+    """The images travel to DALI as one zero-padded array when that is cheap,
+    else as one zero-copy view per sample: both give identical batches."""
+    store = {"jpeg": jpeg_store, "png": png_store, "varsize": varsize[1]}[kind]
+    cfg = cfg_for(store, seed=3, teacher_resolution=24 if kind == "jpeg" else 0)
+
+    def run():
+        kinds = []
+        with create_loader(cfg) as loader:
+            batch = loader._source._batch
+
+            def recording(idx, vid):
+                inputs, extra = batch(idx, vid)
+                kinds.append(type(inputs[0]))
+                return inputs, extra
+            loader._source._batch = recording
+            return collect_epoch(loader, epoch=1), set(kinds)
+
+    monkeypatch.setattr(BatchSource, "max_pad_ratio", 1e9)  # pad however uneven the sizes
+    padded, kinds = run()
+    assert kinds == {np.ndarray}
+    monkeypatch.setattr(BatchSource, "max_pad_ratio", 0.0)
+    monkeypatch.setattr(BatchSource, "pad_slack_bytes", -1)
+    listed, kinds = run()
+    assert kinds == {list}
+    assert padded.keys() == listed.keys()
+    for k in padded:
+        if k != "sizes":
+            assert torch.equal(padded[k], listed[k]), k
+
+
 # --------------------------------------------------------------------------- resources and errors
 def test_no_thread_or_memory_leak(png_store):
     proc = psutil.Process()
@@ -406,7 +439,19 @@ def test_damaged_shards_name_the_sample(jpeg_store, tmp_path):
             with pytest.raises(StoreError, match=r"sample 00000021 is not a JPEG or PNG.*verify"):
                 collect_epoch(ld)
 
-    store, shard = damaged("truncated")  # index and tar disagree: sample 37 cut short
+    store, shard = damaged("label")  # sample 5's label overwritten with letters
+    with loader(store) as ld:
+        t = ld._source.table
+        with open(t.tars[t.shard[5]], "r+b") as f:
+            f.seek(int(t.cls_off[5]))
+            f.write(b"x" * int(t.cls_len[5]))
+        with pytest.raises(StoreError, match=r"sample 00000005 has a label that is not an "
+                                             r"integer in 0\.\.9"):
+            collect_epoch(ld)
+
+    # index and tar disagree: sample 37 cut short (no JPEG end marker: DALI gets
+    # its exact bytes, not the zero-padded feed, and reports the decode error)
+    store, shard = damaged("truncated")
     idx = store / shard["index"]
     lines = idx.read_text().splitlines()
     tok = lines[1 + 37].split()
