@@ -11,8 +11,10 @@ random-resized crops + flips (fresh views each epoch), normalized float
 batches on the training device. ``ffcv_stock*`` are FFCV's own decoders on
 the same files (:mod:`benchmarks.stock_ffcv`) and ``dali_stock`` DALI's own
 reader and operators on the same shards (:mod:`benchmarks.stock_dali`); each
-of our FFCV variants also reports ``ratio_to_stock_ffcv``, our DALI variant
-``ratio_to_stock_dali``. ``torchvision_stock`` is ImageFolder +
+of our FFCV variants also reports ``ratio_to_stock_ffcv``, our DALI variants
+``ratio_to_stock_dali``. On CPU, ``dali`` decodes JPEGs at a reduced DCT
+scale (:mod:`pipelines.dali_scaled_decode`) and ``dali_exact`` with DALI's
+own decoder at full size, as ``ffcv`` and ``ffcv_exact`` do. ``torchvision_stock`` is ImageFolder +
 torchvision transforms + DataLoader on the source folder
 (:mod:`benchmarks.stock_torchvision`, a user's usual starting point); every
 variant reports ``ratio_to_torchvision_stock`` when it ran.
@@ -48,7 +50,8 @@ VARIANTS = {
     "ffcv": ("ffcv", {"reduced_decode": True}, "jpeg"),
     "ffcv_exact": ("ffcv", {"reduced_decode": False}, "jpeg"),
     "ffcv_lowres": ("ffcv", {"lowres": True}, "lowres"),
-    "dali": ("dali", {}, "jpeg"),
+    "dali": ("dali", {"reduced_decode": True}, "jpeg"),  # CPU: scaled JPEG decode
+    "dali_exact": ("dali", {"reduced_decode": False}, "jpeg"),  # DALI's own decoder
     # FFCV's own decoders on the same files (benchmarks/stock_ffcv.py)
     "ffcv_stock": ("ffcv_stock", {}, "jpeg"),
     "ffcv_stock_lowres": ("ffcv_stock", {"lowres": True}, "lowres"),
@@ -59,7 +62,7 @@ VARIANTS = {
 }
 # our variant -> the same library's stock pipeline on the same file
 STOCK_OF = {"ffcv": "ffcv_stock", "ffcv_exact": "ffcv_stock", "ffcv_lowres": "ffcv_stock_lowres",
-            "dali": "dali_stock"}
+            "dali": "dali_stock", "dali_exact": "dali_stock"}
 TV_STOCK = "torchvision_stock"  # every variant also reports its ratio to this one
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

@@ -105,6 +105,7 @@ from torch.utils.data import DistributedSampler
 
 from dataset_tools.store import StoreError
 from pipelines.batch import Batch
+from pipelines import dali_scaled_decode
 from pipelines.dali_feed import BatchSource, ShardTable, uniform_image_size
 from pipelines.dali_import import import_dali
 from pipelines.loader import BaseLoader, LoaderConfig
@@ -127,34 +128,55 @@ def pixel_box_nodes(encoded, starts, extents):
 
 
 def _view_graph(source, decode_device: str, student_res: int, teacher_res: int,
-                mean: np.ndarray, std: np.ndarray, channels_last: bool, boxes_in_pixels: bool):
+                mean: np.ndarray, std: np.ndarray, channels_last: bool, box_format: str):
     """Decode the crop once; resize it to the student (and teacher) size; flip;
-    normalize; lay out as CHW (or HWC for channels_last)."""
+    normalize; lay out as CHW (or HWC for channels_last). Outputs: student,
+    teacher (if any), then, for the scaled decoder (``box_format='boxes'``),
+    libjpeg-turbo's status per sample."""
     from nvidia.dali import fn, types
 
-    box_type = types.INT32 if boxes_in_pixels else types.FLOAT64
+    mean, std = np.asarray(mean, np.float32).tolist(), np.asarray(std, np.float32).tolist()
+    layout = "HWC" if channels_last else "CHW"
+
+    def finish(img):  # flip, (x - mean) / std and the layout in one operator
+        return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout=layout,
+                                        mirror=flips, mean=mean, std=std)
+
+    def resized(crop, res):  # antialiased bilinear, like torchvision's; uint8 out
+        return fn.resize(crop, size=[res, res], interp_type=types.INTERP_LINEAR, antialias=True)
+
+    def decode_crop(encoded, anchor, shape):
+        return fn.decoders.image_slice(encoded, anchor, shape, axis_names="HW",
+                                       device=decode_device, output_type=types.RGB,
+                                       adjust_orientation=False, jpeg_fancy_upsampling=True)
+
     # labels, indices and view ids stay in Python (BatchSource.fed)
+    if box_format == "boxes":  # CPU: JPEGs at a reduced DCT scale, PNGs as below
+        encoded, boxes, flips, is_jpeg = fn.external_source(
+            source=source, num_outputs=4, batch=True, no_copy=True,
+            dtype=[types.UINT8, types.FLOAT64, types.INT32, types.BOOL])
+        if is_jpeg:  # DALI conditional: each branch sees only its samples
+            student, teacher, status = dali_scaled_decode.decode_node(
+                encoded, boxes, student_res, teacher_res)
+        else:
+            crop = decode_crop(encoded, *pixel_box_nodes(encoded, boxes[0:2], boxes[2:4]))
+            student = resized(crop, student_res)
+            teacher = resized(crop, teacher_res) if teacher_res > 0 else None
+            status = fn.cast(boxes.shape()[0:1] * 0, dtype=types.INT32)  # decoded: 0
+        return tuple([finish(student)] + ([finish(teacher)] if teacher_res > 0 else []) +
+                     [status])
+
+    box_type = types.INT32 if box_format == "pixels" else types.FLOAT64
     encoded, box_a, box_b, flips = fn.external_source(
         source=source, num_outputs=4, batch=True, no_copy=True,
         dtype=[types.UINT8, box_type, box_type, types.INT32])
     # pixel anchor/shape from Python (one image size) or from each image's header
-    anchor, shape = (box_a, box_b) if boxes_in_pixels else pixel_box_nodes(encoded, box_a, box_b)
-    crop = fn.decoders.image_slice(encoded, anchor, shape, axis_names="HW", device=decode_device,
-                                   output_type=types.RGB, adjust_orientation=False,
-                                   jpeg_fancy_upsampling=True)
-    mean, std = np.asarray(mean, np.float32).tolist(), np.asarray(std, np.float32).tolist()
-    layout = "HWC" if channels_last else "CHW"
-
-    def view(res):
-        # antialiased bilinear, like torchvision's resize(antialias=True); uint8 out
-        img = fn.resize(crop, size=[res, res], interp_type=types.INTERP_LINEAR, antialias=True)
-        # flip, (x - mean) / std and the layout in one operator (see the module docstring)
-        return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout=layout,
-                                        mirror=flips, mean=mean, std=std)
-
-    outs = [view(student_res)]
+    anchor, shape = ((box_a, box_b) if box_format == "pixels"
+                     else pixel_box_nodes(encoded, box_a, box_b))
+    crop = decode_crop(encoded, anchor, shape)
+    outs = [finish(resized(crop, student_res))]
     if teacher_res > 0:
-        outs.append(view(teacher_res))
+        outs.append(finish(resized(crop, teacher_res)))
     return tuple(outs)
 
 
@@ -174,10 +196,15 @@ class DALILoader(BaseLoader):
                              f"(the dali backend resizes from the full-resolution shards)")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} outside 0..{self.world_size - 1}")
+        exts = str(self.store.manifest.get("stores", {}).get("dali", {}).get("image_ext", ""))
+        # reduced-DCT JPEG decoding on CPU (pipelines/dali_scaled_decode.py)
+        self.scaled_decode = (self.device.type == "cpu" and cfg.reduced_decode
+                              and bool({"jpg", "jpeg"} & set(exts.split(";")))
+                              and dali_scaled_decode.available())
         self._source = BatchSource(
             ShardTable(self.store.dali_shards(), self.store.num_samples, self.store.root),
             self.views, self.store.num_classes, uniform_image_size(self.store.manifest),
-            may_pad=self.device.type != "cuda")
+            may_pad=self.device.type != "cuda", whole_boxes=self.scaled_decode)
         self._pipe = None
         self._failure: Optional[StoreError] = None  # a decode error ends this loader
         # The generator currently driving the pipeline, weakly: it references the
@@ -205,6 +232,7 @@ class DALILoader(BaseLoader):
         device_id = (self.device.index if self.device.index is not None
                      else torch.cuda.current_device()) if cuda else None
         graph = pipeline_def(_view_graph, batch_size=self.cfg.batch_size,
+                             enable_conditionals=self.scaled_decode,
                              num_threads=max(1, self.cfg.num_workers), device_id=device_id,
                              seed=self.cfg.seed & 0x7FFFFFFF,
                              prefetch_queue_depth=self.prefetch_queue_depth,
@@ -212,7 +240,7 @@ class DALILoader(BaseLoader):
         pipe = graph(self._source, "mixed" if cuda else "cpu", self.cfg.student_resolution,
                      self.cfg.teacher_resolution,
                      self._mean.view(3).cpu().numpy(), self._std.view(3).cpu().numpy(),
-                     self.cfg.channels_last, self._source.image_size is not None)
+                     self.cfg.channels_last, self._source.box_format)
         pipe.build()
         return pipe
 
@@ -242,8 +270,11 @@ class DALILoader(BaseLoader):
                 except RuntimeError as e:
                     self._failure = self._batch_error(indices, e)
                     raise self._failure from e
+                if self.scaled_decode:
+                    self._check_status(indices, np.asarray(out[-1].as_tensor()))
                 student = torch.from_dlpack(out[0].as_tensor())
-                teacher = torch.from_dlpack(out[1].as_tensor()) if len(out) > 1 else None
+                teacher = (torch.from_dlpack(out[1].as_tensor()) if self.cfg.teacher_resolution > 0
+                           else None)
                 yield self.finish_batch(student, labels, indices, view_ids, teacher,
                                         params=(boxes, flips))
         except GeneratorExit:  # abandoned early (break, close, a new epoch)
@@ -258,6 +289,17 @@ class DALILoader(BaseLoader):
             raise
         else:
             self._drain(pipe)
+
+    def _check_status(self, indices: np.ndarray, status: np.ndarray) -> None:
+        """The scaled decoder's libjpeg-turbo status per sample (0: decoded)."""
+        bad = np.flatnonzero(status.reshape(-1) != 0)
+        if bad.size:
+            self._failure = StoreError(
+                f"{self.store.root}: DALI failed on sample {int(indices[bad[0]]):08d} (libjpeg-turbo "
+                f"could not decode it, status {int(status.reshape(-1)[bad[0]])}); check the store "
+                f"with 'python dataset_tools/convert.py verify {self.store.root}' and re-run the "
+                f"conversion if it fails. This loader cannot continue.")
+            raise self._failure
 
     def _batch_error(self, indices: np.ndarray, err: Exception) -> StoreError:
         """Name the sample DALI could not decode (its message gives the

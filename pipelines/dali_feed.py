@@ -123,9 +123,14 @@ class BatchSource:
     pad_slack_bytes = 64 << 10
 
     def __init__(self, table: ShardTable, views: ViewConfig, num_classes: int,
-                 image_size: Optional[tuple[int, int]], may_pad: bool):
+                 image_size: Optional[tuple[int, int]], may_pad: bool, whole_boxes: bool):
         self.table, self.views, self.num_classes = table, views, num_classes
         self.image_size = image_size  # (H, W) when every stored image has it
+        # crops as fed: float64 (n, 4) boxes for the scaled decoder
+        # (whole_boxes); else pixels, computed here when every image has one
+        # size, or float64 starts/extents rounded in the graph
+        self.box_format = ("boxes" if whole_boxes else
+                           "pixels" if image_size is not None else "split")
         self.may_pad = may_pad  # the padded feed (CPU decoding only, see _batch)
         self._mmaps = []
         for tar in table.tars:
@@ -175,8 +180,9 @@ class BatchSource:
             len(idx) * longest <= self.max_pad_ratio * int(il.sum()) + self.pad_slack_bytes)
         packed = np.empty((len(idx), longest if fits else 0), np.uint8)
         labels = np.empty(len(idx), np.int64)
+        is_jpeg = np.empty(len(idx), np.bool_)
         bad, copied = _gather_kernel(self._typed_maps, sh, io, il, t.cls_off[idx],
-                                     t.cls_len[idx], packed, labels)
+                                     t.cls_len[idx], packed, labels, is_jpeg)
         if bad >= 0:
             k = int(idx[bad])
             raise StoreError(f"{self.table.tars[sh[bad]]}: sample {k:08d} is not a JPEG or "
@@ -195,7 +201,9 @@ class BatchSource:
             maps = self.maps
             encoded = [maps[s][o:o + n] for s, o, n in zip(sh.tolist(), io.tolist(), il.tolist())]
         extra = (labels, boxes, flips)
-        if self.image_size is not None:  # crops in pixels, here (see pixel_boxes)
+        if self.box_format == "boxes":
+            return (encoded, boxes.astype(np.float64), flips.astype(np.int32), is_jpeg), extra
+        if self.box_format == "pixels":  # crops in pixels, here (see pixel_boxes)
             anchors, shapes = pixel_boxes(boxes, *self.image_size)
             return (encoded, anchors, shapes, flips.astype(np.int32)), extra
         # float32 boxes (as reported in Batch.boxes), widened for the in-graph rounding
@@ -218,11 +226,12 @@ _PNG_END = np.frombuffer(b"IEND\xaeB`\x82", np.uint8)  # the IEND chunk's type a
 
 
 @numba.njit(nogil=True, cache=True)
-def _gather_kernel(maps, shard, img_off, img_len, cls_off, cls_len, packed, labels):
+def _gather_kernel(maps, shard, img_off, img_len, cls_off, cls_len, packed, labels, is_jpeg):
     """Checks, and copies when it is safe, one batch's samples.
 
     Per sample ``i``: its ``.cls`` member parsed into ``labels[i]`` (-1
-    unless plain ASCII digits, as the converter writes them); its image must
+    unless plain ASCII digits, as the converter writes them); whether its
+    image is a JPEG into ``is_jpeg[i]``; its image must
     start like a JPEG or a PNG (DALI 2.4's decoder segfaults the process,
     instead of raising, on data it cannot identify, e.g. a zeroed or
     overwritten header). When every image also ends with its format's end
@@ -254,6 +263,7 @@ def _gather_kernel(maps, shard, img_off, img_len, cls_off, cls_len, packed, labe
                 break
             value = value * 10 + digit
         labels[i] = value
+        is_jpeg[i] = jpeg
     copy = bad < 0 and complete and packed.shape[1] > 0
     if copy:
         for i in range(shard.shape[0]):

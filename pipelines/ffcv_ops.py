@@ -95,7 +95,7 @@ def packed_layout(student, teacher):
 # are FFCV 1.0.2's signatures (setup.cfg pins it; later FFCV adds arguments).
 llvm_binding.load_library_permanently(ffcv._libffcv.__file__)
 _i64, _u32, _u8 = types.int64, types.uint32, types.uint8
-_imdecode = types.ExternalFunction("imdecode", types.int32(
+imdecode = types.ExternalFunction("imdecode", types.int32(
     _i64, types.uint64, _u32, _u32, _i64, _u32, _u32, _u32, _u32, _u32, _u32, _u8, _u8))
 _resize = types.ExternalFunction("resize", types.void(*([_i64] * 11)))
 
@@ -105,7 +105,7 @@ RECORD_LEN = 5
 
 
 @numba.njit(nogil=True, cache=True)
-def _resize_crop(image, top, left, ch, cw, out):
+def resize_crop(image, top, left, ch, cw, out):
     """INTER_AREA resize of a crop: the numba filter when downscaling (~3x
     faster than a cv::resize call on small crops, see pipelines.area_resize),
     FFCV's OpenCV call when an axis upscales (e.g. a teacher view)."""
@@ -114,6 +114,42 @@ def _resize_crop(image, top, left, ch, cw, out):
     else:
         _resize(0, image.ctypes.data, image.shape[0], image.shape[1], top, top + ch, left,
                 left + cw, out.ctypes.data, out.shape[0], out.shape[1])
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def dct_denominator(crop_h, crop_w, need):
+    """The largest libjpeg-turbo DCT scale 1/d that keeps a ``crop_h x
+    crop_w`` crop (in full-size pixels) >= ``_DRAFT_KEEP * need`` pixels on
+    both axes; 1 when none does."""
+    for d in _DCT_DENOMS:
+        if crop_h >= _DRAFT_KEEP * d * need and crop_w >= _DRAFT_KEEP * d * need:
+            return d
+    return 1
+
+
+@numba.njit(nogil=True, cache=True)
+def decode_jpeg_views(encoded, box, shape, student, teacher, need) -> int:
+    """One JPEG's views, for the DALI backend's CPU graph
+    (:mod:`pipelines.dali_scaled_decode`), as :func:`decode_views` makes them
+    for FFCV: decode ``encoded`` (``shape[0] x shape[1]`` pixels; zero padding
+    after its end is ignored) at the DCT scale of :func:`dct_denominator`,
+    then resize the normalized ``box`` (float64 ``y0, x0, h, w``) into
+    ``student`` (and ``teacher`` unless empty), uint8 HWC. Returns
+    libjpeg-turbo's status (0: decoded)."""
+    height, width = shape[0], shape[1]
+    _, _, ch, cw = box_to_pixels(box[0], box[1], box[2], box[3], height, width)
+    d = dct_denominator(ch, cw, need)
+    dec_h, dec_w = (height + d - 1) // d, (width + d - 1) // d  # TJSCALED
+    image = np.empty((dec_h, dec_w, 3), np.uint8)
+    status = imdecode(encoded.ctypes.data, encoded.size, height, width, image.ctypes.data,
+                      height, width, 0, 0, 1, d, 0, 0)
+    if status != 0:
+        return status
+    top, left, ch, cw = box_to_pixels(box[0], box[1], box[2], box[3], dec_h, dec_w)
+    resize_crop(image, top, left, ch, cw, student)
+    if teacher.shape[0] > 0:
+        resize_crop(image, top, left, ch, cw, teacher)
+    return 0
 
 
 @numba.njit(nogil=True, cache=True)
@@ -150,14 +186,11 @@ def _sample_view(source_ix, rec, temp, epoch, seed, scale_lo, scale_hi, log_rati
         denom = 1
         if reduced:
             _, _, ch, cw = box_to_pixels(y0, x0, bh, bw, height, width)
-            for d in _DCT_DENOMS:
-                if ch >= _DRAFT_KEEP * d * need and cw >= _DRAFT_KEEP * d * need:
-                    denom = d
-                    break
+            denom = dct_denominator(ch, cw, need)
         dec_h = (height + denom - 1) // denom  # TJSCALED: what libturbojpeg outputs
         dec_w = (width + denom - 1) // denom
         buf = temp[:3 * dec_h * dec_w]
-        status = _imdecode(data.ctypes.data, data.size, height, width, buf.ctypes.data,
+        status = imdecode(data.ctypes.data, data.size, height, width, buf.ctypes.data,
                            height, width, 0, 0, 1, denom, 0, 0)
         image = buf.reshape(dec_h, dec_w, 3)
     else:
@@ -193,12 +226,12 @@ def decode_views(batch_indices, records, destination, temp_storage, epoch, seed,
             log_ratio_lo, log_ratio_hi, allow_flip, num_views, fixed_view, need, reduced,
             row[off:off + 8 * TRAILER_LEN].view(np.int64))
         out_s = row[:s_bytes].reshape(S, S, 3)
-        _resize_crop(image, top, left, ch, cw, out_s)
+        resize_crop(image, top, left, ch, cw, out_s)
         if flip:
             _hflip_inplace(out_s)
         if T > 0:
             out_t = row[s_bytes:s_bytes + t_bytes].reshape(T, T, 3)
-            _resize_crop(image, top, left, ch, cw, out_t)
+            resize_crop(image, top, left, ch, cw, out_t)
             if flip:
                 _hflip_inplace(out_t)
 
@@ -246,14 +279,14 @@ def normalized_layout(batch, student, teacher):
 
 @numba.njit(nogil=True, cache=True)
 def _resize_normalize(image, top, left, ch, cw, view, flip, lut, out, chw):
-    """:func:`_resize_crop` then :func:`_normalize_into`; when downscaling,
+    """:func:`resize_crop` then :func:`_normalize_into`; when downscaling,
     in one pass (:func:`~pipelines.area_resize.area_resize_normalize`: the
     same levels, no uint8 ``view`` in between)."""
     size = view.shape[0]
     if can_area_resize(ch, cw, size, size):
         area_resize_normalize(image, top, left, ch, cw, size, flip, lut, out, chw)
     else:
-        _resize_crop(image, top, left, ch, cw, view)
+        resize_crop(image, top, left, ch, cw, view)
         _normalize_into(view, flip, lut, out, chw)
 
 

@@ -12,8 +12,8 @@ import pytest
 from benchmarks.loaders import main as loaders_main
 from loader_helpers import backend_import_error, convert_store
 
-VARIANTS = ["ffcv", "ffcv_lowres", "ffcv_stock", "ffcv_stock_lowres", "dali", "dali_stock",
-            "torchvision_stock"]
+VARIANTS = ["ffcv", "ffcv_lowres", "ffcv_stock", "ffcv_stock_lowres", "dali", "dali_exact",
+            "dali_stock", "torchvision_stock"]
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +45,9 @@ def test_report_covers_our_ffcv_and_the_stock_baselines(store):
     assert results["ffcv_stock"]["source"] == results["ffcv"]["source"] == "jpeg"
     assert results["ffcv_stock_lowres"]["source"] == results["ffcv_lowres"]["source"] == "lowres"
     assert results["dali_stock"]["source"] == results["dali"]["source"] == "jpeg"
+    assert results["dali_exact"]["source"] == "jpeg"
     for ours, stock, key in (("ffcv", "ffcv_stock", "ffcv"), ("ffcv_lowres", "ffcv_stock_lowres", "ffcv"),
-                             ("dali", "dali_stock", "dali")):
+                             ("dali", "dali_stock", "dali"), ("dali_exact", "dali_stock", "dali")):
         want = results[ours]["images_per_sec"] / results[stock]["images_per_sec"]
         assert results[ours][f"ratio_to_stock_{key}"] == pytest.approx(want)
     assert not any(k.startswith("ratio_to_stock") for k in results["reference"])

@@ -12,7 +12,11 @@ and 99th percentile over all pixels of an epoch):
   torchvision's antialiased bilinear; a different kernel when enlarging) and
   its JPEG records are re-encoded at quality 90 by the converter; measured
   mean 3.0, p99 17 (imagenette, reducing) and mean 3.5, p99 24 (CIFAR crops
-  enlarged to 64 px) -> (5.0, 32).
+  enlarged to 64 px) -> (5.0, 32). With ``reduced_decode`` (a 1/2 or 1/4
+  DCT-scaled decode against the reference's full one): mean 4.3, p99 29.
+* dali with ``reduced_decode`` on CPU runs the FFCV backend's per-sample
+  decode and resize (:mod:`pipelines.dali_scaled_decode`) on the shards'
+  source JPEGs: ffcv's tolerance; measured mean 4.4, p99 29.
 
 Each comparison is also checked to be discriminative: the same backend output
 against the horizontally mirrored reference must differ by far more.
@@ -112,7 +116,8 @@ def test_backend_matches_reference(backend, case, request):
     for k in KEYS:
         assert torch.equal(got[k], ref[k]), f"{backend} {case}: {k} differ from the reference"
     assert set(got) == set(ref), "the same views (student/teacher) must be produced"
-    mean_tol, p99_tol = TOL[backend]
+    scaled = backend == "dali" and backend_only.get("reduced_decode")
+    mean_tol, p99_tol = TOL["ffcv" if scaled else backend]
     for view in ("student", "teacher"):
         if view not in ref:
             continue
