@@ -4,7 +4,8 @@ One pipeline definition serves both devices; only a device string changes:
 with CUDA the decoder runs as ``device='mixed'`` (nvJPEG, and the hardware
 JPEG decoder where the GPU has one) and resize/flip/normalize follow on the
 GPU; without CUDA the same graph is built with ``device_id=None`` and
-``device='cpu'`` (libjpeg-turbo / libpng in DALI's CPU thread pool).
+``device='cpu'`` (libjpeg-turbo / libpng in DALI's CPU thread pool), except
+that JPEGs are then decoded at a reduced DCT scale (below).
 
 Why ``fn.external_source`` and not ``fn.readers.webdataset``
 -------------------------------------------------------------
@@ -56,8 +57,14 @@ Reduced-resolution decode
 -------------------------
 DALI 2.4's decoders (and nvImageCodec under them) expose no DCT-domain
 scaling: no ``scale``/``scale_denom`` argument on ``fn.decoders.image*`` or in
-``nvimgcodec.DecodeParams`` (checked against the operator schemas), so
-``cfg.reduced_decode`` has no effect here. What exists: ROI decoding (used);
+``nvimgcodec.DecodeParams`` (checked against the operator schemas). So on CPU
+with ``cfg.reduced_decode`` (the default) JPEG samples are decoded by a numba
+operator in the graph that calls libjpeg-turbo at a reduced scale and resizes
+with ``INTER_AREA`` (:mod:`pipelines.dali_scaled_decode`; a DALI conditional
+sends the store's PNG samples, if any, through the decoder below). On
+imagenette-224 -> 32 px that doubled the CPU pipeline's throughput. On the
+GPU, and with ``reduced_decode=False``, DALI's decoders do all the decoding,
+with what they offer: ROI decoding (used);
 ``use_fast_idct`` (libjpeg-turbo's fast integer IDCT) measured ~3% faster on
 imagenette-224 full decodes but moves pixels by ~1 level on average (max 5)
 away from PIL/torchvision, so it is not used; ``hw_decoder_load`` for the
@@ -84,9 +91,10 @@ on 2 cores), where per-operator, per-sample overhead outweighs decoding.
 Errors
 ------
 Store problems raise :class:`StoreError` naming the file/sample and the fix.
-Damage after conversion: each image's signature (JPEG SOI / PNG magic) is
-checked before DALI sees it, because DALI 2.4 segfaults the process on data it
-cannot identify; so is each label. A decode error inside DALI (e.g. a truncated image) becomes a
+Damage after conversion: each image's signature (JPEG SOI / PNG magic) and
+each label are checked before DALI sees them, because DALI 2.4 segfaults the
+process on data it cannot identify. A decode error inside DALI (e.g. a
+truncated image; for the scaled decoder, libjpeg-turbo's status) becomes a
 StoreError naming the sample; DALI pipelines do not recover from operator
 errors, so that loader then refuses to continue. Known limit: a JPEG whose
 frame header is damaged (e.g. zero width/height) can still crash DALI 2.4's

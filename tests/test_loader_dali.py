@@ -401,14 +401,16 @@ def test_padded_feed_equals_per_sample_feed(kind, jpeg_store, png_store, varsize
 
 
 # --------------------------------------------------------------------------- resources and errors
-def test_no_thread_or_memory_leak(png_store):
+@pytest.mark.parametrize("kind", ["png", "jpeg-scaled"])
+def test_no_thread_or_memory_leak(kind, png_store, jpeg_store):
     proc = psutil.Process()
 
     def usage():
         gc.collect()
         return proc.num_threads(), proc.memory_info().rss
 
-    cfg = cfg_for(png_store, batch_size=32)
+    cfg = (cfg_for(png_store, batch_size=32) if kind == "png" else
+           cfg_for(jpeg_store, batch_size=32, reduced_decode=True))
 
     def break_early(loader, epoch):
         loader.set_epoch(epoch)
