@@ -172,7 +172,7 @@ class BatchSource:
         # costs at most ~2x their size and every image is complete (see
         # _gather_kernel): DALI's Python feed checks and wraps every sample of
         # a list (~5 us each), which on CIFAR's 2-3 kB PNGs was a third of
-        # the main thread's time per batch (+20-25 % img/s without it). Only
+        # the main thread's time per batch (padding: +20-25 % img/s). Only
         # for the CPU decoder: nvJPEG and the hardware decoder have not been
         # run on padded input (no GPU here), so they get the exact bytes.
         longest = int(il.max()) if len(idx) else 0

@@ -191,7 +191,7 @@ def _sample_view(source_ix, rec, temp, epoch, seed, scale_lo, scale_hi, log_rati
         dec_w = (width + denom - 1) // denom
         buf = temp[:3 * dec_h * dec_w]
         status = imdecode(data.ctypes.data, data.size, height, width, buf.ctypes.data,
-                           height, width, 0, 0, 1, denom, 0, 0)
+                          height, width, 0, 0, 1, denom, 0, 0)
         image = buf.reshape(dec_h, dec_w, 3)
     else:
         image = data.reshape(height, width, 3)

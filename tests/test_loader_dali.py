@@ -308,11 +308,11 @@ def test_early_break_leaves_no_stale_batches(png_store):
 
 
 # --------------------------------------------------------------------------- scaled JPEG decode
-def ffcv_area_oracle(path, box, flip, size, need) -> torch.Tensor:
+def ffcv_area_oracle(path, box, flip, size, need) -> tuple[torch.Tensor, int]:
     """The scaled decoder's contract, recomputed: FFCV's libturbojpeg
     ``imdecode`` (Python entry point) at DCT scale 1/d, the largest d in
     (8, 4, 2) keeping the crop >= 2 * d * need pixels on both axes; the box
-    rounded on the decoded image; OpenCV's INTER_AREA resize."""
+    rounded on the decoded image; OpenCV's INTER_AREA resize. Returns (CHW image, d)."""
     import cv2
     from ffcv.libffcv import imdecode
 
