@@ -254,3 +254,23 @@ def test_runner_writes_figures_and_reports_failures(step_report, tmp_path, monke
     for f in figs.values():
         assert {"median", "spread", "repeats", "unit", "higher_is_better", "scope"} <= set(f)
     assert "e2e" not in res["benchmarks"] and "exit code 3" in res["suites"]["e2e"]["error"]
+
+
+def test_peak_rss_counts_children_started_inside_it():
+    """PeakRSS lists the process tree every refresh_s and reads the listed
+    processes' RSS every interval_s: a child started inside the block, which
+    holds ~200 MB for a while, shows up in the peak."""
+    import subprocess
+    import time
+
+    from benchmarks.common import PeakRSS
+
+    hold = ("import time; b = bytearray(200 * 2**20); b[::4096] = b'x' * len(b[::4096]); "
+            "time.sleep(3)")
+    with PeakRSS(interval_s=0.02, refresh_s=0.5) as mem:
+        base = mem.sample(relist=False)
+        child = subprocess.Popen([sys.executable, "-c", hold])
+        time.sleep(2)  # > refresh_s after the allocation
+        child.kill()
+        child.wait()
+    assert mem.peak_bytes - base >= 180 * 2**20, (base, mem.peak_bytes)
