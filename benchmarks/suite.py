@@ -61,9 +61,9 @@ def loaders_figures(rep: dict) -> dict:
         out[f"{name}.images_per_sec"] = figure(r["images_per_sec"], min(rates), max(rates), len(rates),
                                                "images/s", True, "absolute", mem)
         stock = results.get(STOCK_OF.get(name, ""), {}).get("images_per_sec")
+        stock_key = stock_ratio_key(name) if stock else ""
         bases = (("ratio_to_reference", None if name == "reference" else ref, "x reference"),
-                 (stock and stock_ratio_key(name), stock,
-                  stock and "x " + stock_ratio_key(name)[len("ratio_to_"):].replace("_", " ")),
+                 (stock_key, stock, "x " + stock_key[len("ratio_to_"):].replace("_", " ")),
                  ("ratio_to_torchvision_stock", None if name == TV_STOCK else tv,
                   "x stock torchvision"))
         for key, base, unit in bases:

@@ -127,6 +127,23 @@ def dct_denominator(crop_h, crop_w, need):
     return 1
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _jpeg_scaled_shape(height, width, denom):
+    """What libjpeg-turbo outputs for a ``height x width`` JPEG at 1/denom (TJSCALED)."""
+    return (height + denom - 1) // denom, (width + denom - 1) // denom
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _decode_jpeg(data, height, width, denom, temp):
+    """Decode ``data`` (a ``height x width`` JPEG) at 1/denom into the first
+    bytes of ``temp`` (flat uint8). Returns ``(HWC view of temp, status)``."""
+    dec_h, dec_w = _jpeg_scaled_shape(height, width, denom)
+    buf = temp[:3 * dec_h * dec_w]
+    status = imdecode(data.ctypes.data, data.size, height, width, buf.ctypes.data,
+                      height, width, 0, 0, 1, denom, 0, 0)
+    return buf.reshape(dec_h, dec_w, 3), status
+
+
 @numba.njit(nogil=True, cache=True)
 def decode_jpeg_views(encoded, box, shape, student, teacher, need) -> int:
     """One JPEG's views, for the DALI backend's CPU graph
@@ -139,10 +156,8 @@ def decode_jpeg_views(encoded, box, shape, student, teacher, need) -> int:
     height, width = shape[0], shape[1]
     _, _, ch, cw = box_to_pixels(box[0], box[1], box[2], box[3], height, width)
     d = dct_denominator(ch, cw, need)
-    dec_h, dec_w = (height + d - 1) // d, (width + d - 1) // d  # TJSCALED
-    image = np.empty((dec_h, dec_w, 3), np.uint8)
-    status = imdecode(encoded.ctypes.data, encoded.size, height, width, image.ctypes.data,
-                      height, width, 0, 0, 1, d, 0, 0)
+    dec_h, dec_w = _jpeg_scaled_shape(height, width, d)
+    image, status = _decode_jpeg(encoded, height, width, d, np.empty(3 * dec_h * dec_w, np.uint8))
     if status != 0:
         return status
     top, left, ch, cw = box_to_pixels(box[0], box[1], box[2], box[3], dec_h, dec_w)
@@ -187,12 +202,8 @@ def _sample_view(source_ix, rec, temp, epoch, seed, scale_lo, scale_hi, log_rati
         if reduced:
             _, _, ch, cw = box_to_pixels(y0, x0, bh, bw, height, width)
             denom = dct_denominator(ch, cw, need)
-        dec_h = (height + denom - 1) // denom  # TJSCALED: what libturbojpeg outputs
-        dec_w = (width + denom - 1) // denom
-        buf = temp[:3 * dec_h * dec_w]
-        status = imdecode(data.ctypes.data, data.size, height, width, buf.ctypes.data,
-                          height, width, 0, 0, 1, denom, 0, 0)
-        image = buf.reshape(dec_h, dec_w, 3)
+        image, status = _decode_jpeg(data, height, width, denom, temp)
+        dec_h, dec_w = image.shape[0], image.shape[1]
     else:
         image = data.reshape(height, width, 3)
     top, left, ch, cw = box_to_pixels(y0, x0, bh, bw, dec_h, dec_w)
