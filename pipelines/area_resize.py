@@ -33,10 +33,13 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from pipelines.area_rows import READ_PAST, ROUND as _ROUND, hrow3_normalize
 
 # Sums of 255 * crop_h * crop_w must fit in int32.
 MAX_CROP_AREA = 1 << 23
-_PAD = 6  # zeros after each vertical-pass row: the 3-tap pass reads 2 pixels past a crop
+# Zeros after each vertical-pass row: the 3-tap pass reads 2 pixels past a
+# crop (zero-weight taps), the vector one READ_PAST values more.
+_PAD = 6 + READ_PAST
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -104,9 +107,6 @@ def _vertical_pass(image, top, left, crop_h, crop_w, out_h, out_w, iscratch, row
     return x_first, x_count, x_weight, x_stride, n + _PAD
 
 
-_ROUND = 0.5 + 1e-9
-
-
 @numba.njit(nogil=True, cache=True, inline="always")
 def _level(total, inv):
     """``total / P`` rounded half up, exactly (``inv = 1 / P``). In float64,
@@ -161,31 +161,50 @@ def area_resize_crop(image, top, left, crop_h, crop_w, out):
 
 
 @numba.njit(nogil=True, cache=True)
-def area_resize_normalize(image, top, left, crop_h, crop_w, size, flip, lut, out, chw):
+def area_resize_normalize(image, top, left, crop_h, crop_w, size, flip, norm, out, chw):
     """:func:`area_resize_crop` to ``size x size``, then per value
-    ``lut[c, level]``, mirrored when ``flip``, written into ``out`` (flat
-    float32, ``3 * size * size``): CHW order, or HWC when not ``chw``. The
-    same levels as :func:`area_resize_crop` (exact arithmetic), without a
-    uint8 image in between."""
+    ``(float32(level) - mean_c) / std_c`` (``norm``: float32 ``[2, 4]``, see
+    :func:`normalization_rows`), mirrored when ``flip``, written into ``out``
+    (flat float32, ``3 * size * size``): CHW order, or HWC when not ``chw``.
+    The same levels as :func:`area_resize_crop` (exact arithmetic), without a
+    uint8 image in between. Downscaling by less than 2 (3 taps, every low-res
+    crop) runs the vector row pass of :mod:`pipelines.area_rows`."""
     ni, na = scratch_sizes(crop_h, crop_w, size, size)
     iscratch, rows_scratch = np.empty(ni, np.int64), np.empty(na, np.int32)
     x_first, x_count, x_weight, x_stride, row = _vertical_pass(
         image, top, left, crop_h, crop_w, size, size, iscratch, rows_scratch)
     inv = 1.0 / (crop_h * crop_w)
+    if chw:
+        x_step, c_step, row_step = 1, size * size, size
+    else:
+        x_step, c_step, row_step = 3, 1, size * 3
+    if x_stride == 3:
+        for y in range(size):
+            hrow3_normalize(rows_scratch[y * row:].ctypes.data, x_first.ctypes.data,
+                            x_weight.ctypes.data, size, inv, norm[0].ctypes.data,
+                            norm[1].ctypes.data, out[y * row_step:].ctypes.data, x_step,
+                            c_step, np.int64(flip))
+        return
     levels = rows_scratch[size * row:size * row + size * 3].view(np.uint8)[:size * 3]
     last = size - 1
     for y in range(size):
         _horizontal_row(rows_scratch[y * row:(y + 1) * row], x_first, x_count, x_weight,
                         x_stride, size, inv, levels)
-        if chw:
+        dst = out[y * row_step:]
+        for x in range(size):
+            q = (last - x if flip else x) * x_step
             for c in range(3):
-                table = lut[c]
-                dst = out[(c * size + y) * size:(c * size + y + 1) * size]
-                for x in range(size):
-                    dst[last - x if flip else x] = table[levels[3 * x + c]]
-        else:
-            dst = out[y * size * 3:(y + 1) * size * 3]
-            for x in range(size):
-                q = 3 * (last - x if flip else x)
-                for c in range(3):
-                    dst[q + c] = lut[c, levels[3 * x + c]]
+                dst[q + c * c_step] = (np.float32(levels[3 * x + c]) - norm[0, c]) / norm[1, c]
+
+
+def normalization_rows(mean, std) -> np.ndarray:
+    """float32 ``[2, 4]``: per-channel mean and std (3 values each, e.g. in
+    0..255 units) plus a copy of channel 0 in the fourth lane, which the vector
+    row pass computes and discards."""
+    rows = np.empty((2, 4), np.float32)
+    for r, values in enumerate((mean, std)):
+        v = np.asarray(values, dtype=np.float32).reshape(-1)
+        if v.shape != (3,):
+            raise ValueError(f"expected 3 per-channel values, got {v.shape}")
+        rows[r, :3], rows[r, 3] = v, v[0]
+    return rows

@@ -56,13 +56,13 @@ its FFCV Loader to :mod:`pipelines.ffcv_pool`, and the next loader with the
 same settings reuses it: recreating the loader every epoch no longer grows
 memory (tested). FFCV sets torch's and numba's thread count to ``num_workers``.
 
-Speed on CPU: the decode kernel also normalizes (a per-channel lookup table
-with the same float32 values as ``finish_batch``, applied as the resize
-writes each value; tested bitwise against the uint8 path) and flips while
-writing each view into a new float32 batch array, so the training thread gets
-finished tensors; the resize is a numba ``INTER_AREA`` in exact integer
-arithmetic (:mod:`pipelines.area_resize`, ~3x faster than OpenCV's call on
-small crops);
+Speed on CPU: the decode kernel also normalizes (``finish_batch``'s float32
+arithmetic, applied as the resize writes each value; tested bitwise against
+the uint8 path) and flips while writing each view into a new float32 batch
+array, so the training thread gets finished tensors; the resize is a numba
+``INTER_AREA`` in exact integer arithmetic (:mod:`pipelines.area_resize`,
+~3x faster than OpenCV's call on small crops), whose horizontal pass runs as
+4-lane vector code for the low-res crops (:mod:`pipelines.area_rows`);
 labels and indices come from the file's metadata in Python rather than from
 compiled FFCV pipelines; the decode kernel is numba-compiled once and cached
 on disk, so a new loader costs ~1 s of compilation instead of ~10 s.
@@ -89,6 +89,7 @@ from ffcv.transforms import ToDevice, ToTensor
 
 from dataset_tools.store import MANIFEST_NAME, StoreError
 from pipelines import ffcv_pool
+from pipelines.area_resize import normalization_rows
 from pipelines.batch import Batch
 from pipelines.ffcv_ops import (T_INDEX, T_STATUS, T_VIEW, EpochCell, ViewCropDecoder,
                                 split_normalized, split_packed)
@@ -270,16 +271,15 @@ class FFCVLoader(BaseLoader):
                              f"teacher={self.teacher_res}")
         if normalize_in_decoder is None:
             normalize_in_decoder = self.device.type == "cpu"
-        self._lut = None
-        if normalize_in_decoder:  # a table computed exactly as _normalize computes
-            levels = torch.arange(256, dtype=torch.float32).view(1, 1, 1, 256).to(self.device)
-            self._lut = ((levels - self._mean) / self._std).view(3, 256).cpu().numpy()
+        self._norm = None
+        if normalize_in_decoder:  # the mean and std _normalize uses, as float32
+            self._norm = normalization_rows(self._mean.float().cpu(), self._std.float().cpu())
         # An idle compiled FFCV Loader with the same settings, or a new one (see
         # pipelines.ffcv_pool: numba never frees a Loader's compiled code).
         stat = self.path.stat()
         key = (str(self.path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns,
                self.store.fingerprint, repr(cfg), self.rank, self.world_size, os_cache,
-               batches_ahead, None if self._lut is None else self._lut.tobytes())
+               batches_ahead, None if self._norm is None else self._norm.tobytes())
         entry = ffcv_pool.take(key)
         if entry is None:
             self._epoch_cell = EpochCell()
@@ -303,10 +303,10 @@ class FFCVLoader(BaseLoader):
         view_id = cfg.fixed_view if cfg.fixed_view is not None else (-1 if cfg.train else 0)
         decoder = ViewCropDecoder(self.student_res, self.teacher_res, self.views, view_id,
                                   self._epoch_cell, cfg.reduced_decode and not cfg.lowres,
-                                  lut=self._lut, chw=not cfg.channels_last)
+                                  norm=self._norm, chw=not cfg.channels_last)
         image_ops = [decoder, ToTensor()]
         if self.device.type == "cuda":
-            if self._lut is not None:
+            if self._norm is not None:
                 raise ValueError("normalize_in_decoder=True is for CPU training; on CUDA the "
                                  "uint8 views are copied and normalized on the device")
             image_ops.append(ToDevice(self.device, non_blocking=True))
@@ -373,7 +373,7 @@ class FFCVLoader(BaseLoader):
                   epoch: int) -> Batch:
         idx, lab = idx.astype(np.int64), labels.astype(np.int64)
         vids = self._view_ids(idx, epoch)
-        if self._lut is not None:  # normalized by the decoder, a new array per batch
+        if self._norm is not None:  # normalized by the decoder, a new array per batch
             student, teacher, trailer = split_normalized(
                 packed, len(idx), self.student_res, self.teacher_res, not self.cfg.channels_last)
             self._check_trailer(trailer.numpy(), idx, vids)

@@ -248,35 +248,24 @@ def decode_views(batch_indices, records, destination, temp_storage, epoch, seed,
 
 
 @numba.njit(nogil=True, cache=True)
-def _normalize_into(view, flip, lut, out, chw):
-    """uint8 HWC ``view`` -> ``out`` (flat float32), ``lut[c, level]`` per
-    value, mirrored when ``flip``; CHW order, or HWC when not ``chw``. Loops
-    run in the order of ``out`` (contiguous writes). The fused path
-    (``area_resize_normalize``) writes rows the same way in its own loop: a
-    shared row writer made that hot kernel ~7 % slower (measured), while
-    this one only serves crops that upscale."""
+def _normalize_into(view, flip, norm, out, chw):
+    """uint8 HWC ``view`` -> ``out`` (flat float32), ``(level - mean_c) /
+    std_c`` in float32 per value (``norm``, see
+    :func:`~pipelines.area_resize.normalization_rows`), mirrored when
+    ``flip``; CHW order, or HWC when not ``chw``. Only crops that upscale
+    come here; downscaling ones are normalized inside the resize."""
     h, w = view.shape[0], view.shape[1]
     last = w - 1
-    if chw:
-        for c in range(3):
-            table = lut[c]
-            for y in range(h):
-                src = view[y]
-                dst = out[(c * h + y) * w:(c * h + y + 1) * w]
-                if flip:
-                    for x in range(w):
-                        dst[x] = table[src[last - x, c]]
+    for y in range(h):
+        src = view[y]
+        for x in range(w):
+            sx = last - x if flip else x
+            for c in range(3):
+                v = (np.float32(src[sx, c]) - norm[0, c]) / norm[1, c]
+                if chw:
+                    out[(c * h + y) * w + x] = v
                 else:
-                    for x in range(w):
-                        dst[x] = table[src[x, c]]
-    else:
-        for y in range(h):
-            src = view[y]
-            for x in range(w):
-                sx = last - x if flip else x
-                p = (y * w + x) * 3
-                for c in range(3):
-                    out[p + c] = lut[c, src[sx, c]]
+                    out[(y * w + x) * 3 + c] = v
 
 
 @numba.njit(cache=True, inline="always")
@@ -289,24 +278,24 @@ def normalized_layout(batch, student, teacher):
 
 
 @numba.njit(nogil=True, cache=True)
-def _resize_normalize(image, top, left, ch, cw, view, flip, lut, out, chw):
+def _resize_normalize(image, top, left, ch, cw, view, flip, norm, out, chw):
     """:func:`resize_crop` then :func:`_normalize_into`; when downscaling,
     in one pass (:func:`~pipelines.area_resize.area_resize_normalize`: the
     same levels, no uint8 ``view`` in between)."""
     size = view.shape[0]
     if can_area_resize(ch, cw, size, size):
-        area_resize_normalize(image, top, left, ch, cw, size, flip, lut, out, chw)
+        area_resize_normalize(image, top, left, ch, cw, size, flip, norm, out, chw)
     else:
         resize_crop(image, top, left, ch, cw, view)
-        _normalize_into(view, flip, lut, out, chw)
+        _normalize_into(view, flip, norm, out, chw)
 
 
 @numba.njit(nogil=True, cache=True, parallel=True)
 def decode_views_normalized(batch_indices, records, temp_storage, epoch, seed, scale_lo,
                             scale_hi, log_ratio_lo, log_ratio_hi, allow_flip, num_views,
-                            fixed_view, student, teacher, reduced, lut, chw):
+                            fixed_view, student, teacher, reduced, norm, chw):
     """As :func:`decode_views`, but the views leave the kernel normalized
-    (``lut``, see :class:`ViewCropDecoder`) in a *new* flat float32 array:
+    (``norm``, see :class:`ViewCropDecoder`) in a *new* flat float32 array:
     ``[B students | B teachers | B trailers]`` (:func:`normalized_layout`),
     so the batch owns its memory and needs no further pass."""
     S, T = student, teacher
@@ -324,11 +313,11 @@ def decode_views_normalized(batch_indices, records, temp_storage, epoch, seed, s
             log_ratio_hi, allow_flip, num_views, fixed_view, need, reduced,
             trailers[i * TRAILER_LEN:(i + 1) * TRAILER_LEN])
         view_s = temp[scratch_at:scratch_at + s_len].reshape(S, S, 3)
-        _resize_normalize(image, top, left, ch, cw, view_s, flip, lut,
+        _resize_normalize(image, top, left, ch, cw, view_s, flip, norm,
                           out[i * s_len:(i + 1) * s_len], chw)
         if T > 0:
             view_t = temp[scratch_at + s_len:scratch_at + s_len + t_len].reshape(T, T, 3)
-            _resize_normalize(image, top, left, ch, cw, view_t, flip, lut,
+            _resize_normalize(image, top, left, ch, cw, view_t, flip, norm,
                               out[t_start + i * t_len:t_start + (i + 1) * t_len], chw)
     return out
 
@@ -340,11 +329,12 @@ class ViewCropDecoder(ResizedCropRGBImageDecoder):
     ``view_id < 0`` selects ``epoch_view_id(seed, num_views, epoch, index)``
     with ``epoch`` read from ``epoch_cell`` at decode time.
 
-    Output: with ``lut=None``, uint8 packed rows (:func:`split_packed`; the
-    loader normalizes on the device after one copy). With a normalization
-    table ``lut`` (float32 ``[3, 256]``, ``lut[c, v] = (v - mean_c) / std_c``
-    computed as the loader's ``_normalize`` computes it, so the values are
-    bitwise the same), each batch is a new float32 array of normalized views,
+    Output: with ``norm=None``, uint8 packed rows (:func:`split_packed`; the
+    loader normalizes on the device after one copy). With ``norm`` (float32
+    ``[2, 4]`` from :func:`~pipelines.area_resize.normalization_rows`: the
+    loader's mean and std), ``(level - mean_c) / std_c`` is computed in float32
+    as the loader's ``_normalize`` computes it, so the values are bitwise the
+    same (tested), and each batch is a new float32 array of normalized views,
     CHW (or HWC when ``chw`` is False, for channels_last), written inside the
     parallel decode loop (:func:`split_normalized`): on CPU this spares a
     separate normalization pass on the training thread.
@@ -363,13 +353,13 @@ class ViewCropDecoder(ResizedCropRGBImageDecoder):
     """
 
     def __init__(self, student: int, teacher: int, views: ViewConfig, view_id: int,
-                 epoch_cell: EpochCell, reduced_decode: bool, lut: Optional[np.ndarray] = None,
+                 epoch_cell: EpochCell, reduced_decode: bool, norm: Optional[np.ndarray] = None,
                  chw: bool = True):
         super().__init__((student, student))
         self.student, self.teacher = int(student), int(teacher)
         self.views, self.view_id = views, int(view_id)
         self.epoch_cell, self.reduced_decode = epoch_cell, bool(reduced_decode)
-        self.lut = None if lut is None else np.ascontiguousarray(lut, dtype=np.float32)
+        self.norm = None if norm is None else np.ascontiguousarray(norm, dtype=np.float32)
         self.chw = bool(chw)
 
     def declare_state_and_memory(self, previous_state: State):
@@ -378,7 +368,7 @@ class ViewCropDecoder(ResizedCropRGBImageDecoder):
         # Raw samples are read in place from the file; only JPEGs need a buffer.
         temp = int(meta['height'].max()) * int(meta['width'].max()) * 3 if any_jpg else 0
         u1 = np.dtype('<u1')
-        if self.lut is None:
+        if self.norm is None:
             _, _, off = packed_layout(self.student, self.teacher)
             row = (off + 8 * TRAILER_LEN,)
         else:  # the kernel returns its own array; scratch views follow the decode buffer
@@ -397,8 +387,8 @@ class ViewCropDecoder(ResizedCropRGBImageDecoder):
         num_views, fixed_view = np.int64(self.views.num_views), np.int64(self.view_id)
         student, teacher = np.int64(self.student), np.int64(self.teacher)
         epoch_addr = self.epoch_cell.address
-        normalized, chw = self.lut is not None, np.int64(self.chw)
-        lut = self.lut if normalized else np.zeros((3, 256), np.float32)
+        normalized, chw = self.norm is not None, np.int64(self.chw)
+        norm = self.norm if normalized else np.ones((2, 4), np.float32)
 
         def gather(batch_indices, records, metadata, storage_state):
             for i in range(len(batch_indices)):
@@ -426,7 +416,7 @@ class ViewCropDecoder(ResizedCropRGBImageDecoder):
             epoch = gather(batch_indices, records, metadata, storage_state)
             out = decode_views_normalized(
                 batch_indices, records, temp_storage, epoch, seed, s_lo, s_hi, lr_lo, lr_hi,
-                allow_flip, num_views, fixed_view, student, teacher, reduced, lut, chw)
+                allow_flip, num_views, fixed_view, student, teacher, reduced, norm, chw)
             return out.reshape(1, out.shape[0])  # FFCV expects a batch axis
 
         return decode_normalized if normalized else decode_packed

@@ -4,9 +4,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from pipelines.area_resize import (MAX_CROP_AREA, area_resize_crop, area_resize_normalize,
-                                   can_area_resize)
+                                   can_area_resize, normalization_rows)
 
 
 def _cases(seed: int, count: int):
@@ -56,23 +57,44 @@ def test_exact_average_rounded_half_up():
         np.testing.assert_array_equal(out, want, err_msg=str((img.shape, top, left, ch, cw, oh, ow)))
 
 
+def _lowres_cases(seed: int, count: int):
+    """Crops below twice the output on both axes (every low-res crop): the
+    horizontal pass runs as vector code (pipelines.area_rows)."""
+    rng = np.random.default_rng(seed)
+    for t in range(count):
+        size = int(rng.integers(1, 48))
+        ch, cw = (int(rng.integers(size, 2 * size)) for _ in range(2))
+        h, w = ch + int(rng.integers(0, 20)), cw + int(rng.integers(0, 20))
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        if t % 2:
+            img = cv2.GaussianBlur(img, (7, 7), 3)
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        yield img, top, left, ch, cw, size, size
+
+
 @pytest.mark.parametrize("chw", [True, False])
-def test_normalize_variant_is_table_of_the_uint8_resize(chw):
-    """area_resize_normalize == lut[c, area_resize_crop(...)], mirrored when
-    flipped, in CHW or HWC order: bitwise."""
+@pytest.mark.parametrize("cases", [_cases, _lowres_cases])
+def test_normalize_variant_is_the_loaders_normalization_of_the_uint8_resize(chw, cases):
+    """area_resize_normalize == torch's (level - mean) / std in float32 (what
+    BaseLoader._normalize computes) of area_resize_crop's levels, mirrored
+    when flipped, in CHW or HWC order: bitwise."""
     rng = np.random.default_rng(3)
-    lut = rng.standard_normal((3, 256)).astype(np.float32)
-    for t, (img, top, left, ch, cw, oh, _) in enumerate(_cases(4, 300)):
+    mean = torch.tensor(rng.uniform(0, 255, 3), dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(rng.uniform(1, 80, 3), dtype=torch.float32).view(1, 3, 1, 1)
+    norm = normalization_rows(mean, std)
+    for t, (img, top, left, ch, cw, oh, _) in enumerate(cases(4, 300)):
         size = min(oh, ch, cw)
         flip = bool(t % 2)
         levels = np.empty((size, size, 3), np.uint8)
         area_resize_crop(img, top, left, ch, cw, levels)
-        want = lut[np.arange(3), levels]  # [size, size, 3] values
-        want = want[:, ::-1] if flip else want
-        want = want.transpose(2, 0, 1) if chw else want
+        x = torch.from_numpy(levels).permute(2, 0, 1)[None].float()
+        want = ((x - mean) / std)[0].numpy()  # [3, size, size]
+        want = want[:, :, ::-1] if flip else want
+        want = want if chw else want.transpose(1, 2, 0)
         out = np.empty(3 * size * size, np.float32)
-        area_resize_normalize(img, top, left, ch, cw, size, flip, lut, out, chw)
-        np.testing.assert_array_equal(out, want.reshape(-1))
+        area_resize_normalize(img, top, left, ch, cw, size, flip, norm, out, chw)
+        np.testing.assert_array_equal(out, want.reshape(-1),
+                                      err_msg=str((img.shape, top, left, ch, cw, size, flip)))
 
 
 def test_identity_and_exact_halving():
