@@ -109,14 +109,13 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
 
 from dataset_tools.store import StoreError
 from pipelines.batch import Batch
 from pipelines import dali_scaled_decode
 from pipelines.dali_feed import BatchSource, ShardTable, uniform_image_size
 from pipelines.dali_import import import_dali
-from pipelines.loader import BaseLoader, LoaderConfig
+from pipelines.loader import BaseLoader, LoaderConfig, sharded_order
 
 # --------------------------------------------------------------------------- the graph
 def pixel_box_nodes(encoded, starts, extents):
@@ -223,10 +222,8 @@ class DALILoader(BaseLoader):
     # -- epoch plan
     def epoch_order(self) -> np.ndarray:
         """Sample indices this rank visits this epoch, in order (padded, see docstring)."""
-        sampler = DistributedSampler(range(self.store.num_samples), num_replicas=self.world_size,
-                                     rank=self.rank, shuffle=self.cfg.shuffle, seed=self.cfg.seed)
-        sampler.set_epoch(self.epoch)
-        order = np.fromiter(iter(sampler), dtype=np.int64, count=self.samples_per_rank)
+        order = sharded_order(self.store.num_samples, self.rank, self.world_size,
+                              self.cfg.shuffle, self.cfg.seed, self.epoch)
         if self.cfg.drop_last:
             order = order[:len(self) * self.cfg.batch_size]
         return order

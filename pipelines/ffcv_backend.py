@@ -77,7 +77,6 @@ import numba
 import numpy as np
 import psutil
 import torch
-from torch.utils.data import DistributedSampler
 
 from ffcv.fields import IntField, RGBImageField
 from ffcv.loader import Loader
@@ -93,7 +92,7 @@ from pipelines.area_resize import normalization_rows
 from pipelines.batch import Batch
 from pipelines.ffcv_ops import (T_INDEX, T_STATUS, T_VIEW, EpochCell, ViewCropDecoder,
                                 split_normalized, split_packed)
-from pipelines.loader import BaseLoader, LoaderConfig
+from pipelines.loader import BaseLoader, LoaderConfig, sharded_order
 from pipelines.views import epoch_view_ids
 
 FIELDS = {"image": RGBImageField, "label": IntField, "index": IntField}
@@ -111,14 +110,11 @@ class _ShardedOrder(TraversalOrder):
 
     def __call__(self, loader) -> "_ShardedOrder":
         super().__init__(loader)
-        self.sampler = DistributedSampler(self.indices, num_replicas=self.world_size,
-                                          rank=self.rank, shuffle=self.shuffle,
-                                          seed=self.order_seed, drop_last=False)
         return self
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        self.sampler.set_epoch(epoch)
-        return self.indices[np.fromiter(iter(self.sampler), dtype=np.int64)]
+        return self.indices[sharded_order(len(self.indices), self.rank, self.world_size,
+                                          self.shuffle, self.order_seed, epoch)]
 
 
 class _QuasiRandomOrder(QuasiRandom):

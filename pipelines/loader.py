@@ -156,6 +156,26 @@ class BaseLoader(abc.ABC):
         return x.contiguous(memory_format=fmt)
 
 
+def sharded_order(num_samples: int, rank: int, world_size: int, shuffle: bool, seed: int,
+                  epoch: int) -> np.ndarray:
+    """What ``DistributedSampler(range(num_samples), world_size, rank, shuffle,
+    seed, drop_last=False)`` yields after ``set_epoch(epoch)``, as int64: the
+    same ``torch.randperm`` seeded with ``seed + epoch``, repeated cyclically
+    up to a multiple of ``world_size``, every ``world_size``-th from ``rank``
+    (tested against the sampler). Iterating the sampler in Python costs ~0.3 ms
+    per 3k samples, a visible share of a ~15 ms low-res epoch."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    if shuffle:
+        generator = torch.Generator()
+        generator.manual_seed(seed + epoch)
+        perm = torch.randperm(num_samples, generator=generator).numpy()
+    else:
+        perm = np.arange(num_samples)
+    total = -(-num_samples // world_size) * world_size
+    return np.resize(perm, total)[rank::world_size].astype(np.int64)
+
+
 def create_loader(cfg: LoaderConfig, rank: Optional[int] = None,
                   world_size: Optional[int] = None) -> BaseLoader:
     """Build the configured backend (imported lazily: FFCV/DALI are heavy)."""

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils.data import DistributedSampler
 
 from conftest import make_subset
 from loader_helpers import backend_import_error, collect_epoch, convert_store
-from pipelines.loader import BACKENDS, LoaderConfig, create_loader
+from pipelines.loader import BACKENDS, LoaderConfig, create_loader, sharded_order
 
 WORLD, N, EPOCHS = 2, 21, (0, 1)
 
@@ -124,3 +125,21 @@ def test_two_ranks_cover_each_epoch_once_plus_padding(backend, odd_store, dist_r
             res = _collect(loader)
         for epoch in EPOCHS:
             assert res[f"indices{epoch}"].tolist() == ranks[r][f"indices{epoch}"].tolist()
+
+
+@pytest.mark.parametrize("n,world", [(21, 2), (16, 4), (5, 3), (2, 5), (0, 2), (1, 1)])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_sharded_order_is_what_distributed_sampler_yields(n, world, shuffle):
+    """The FFCV and DALI backends' order without iterating the sampler: equal
+    to it for every rank and epoch, including padding beyond one repeat (2 samples,
+    5 ranks) and an empty dataset."""
+    for rank in range(world):
+        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle,
+                                     seed=7, drop_last=False)
+        for epoch in (0, 1, 5):
+            sampler.set_epoch(epoch)
+            got = sharded_order(n, rank, world, shuffle, 7, epoch)
+            assert got.dtype == np.int64
+            np.testing.assert_array_equal(got, np.fromiter(iter(sampler), dtype=np.int64))
+    with pytest.raises(ValueError, match="rank"):
+        sharded_order(n, world, world, shuffle, 7, 0)
