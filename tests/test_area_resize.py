@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipelines.area_resize import (MAX_CROP_AREA, area_resize_crop, area_resize_normalize,
-                                   can_area_resize, normalization_rows)
+                                   can_area_resize, normalization_rows,
+                                   normalization_table)
 
 
 def _cases(seed: int, count: int):
@@ -82,6 +83,7 @@ def test_normalize_variant_is_the_loaders_normalization_of_the_uint8_resize(chw,
     mean = torch.tensor(rng.uniform(0, 255, 3), dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(rng.uniform(1, 80, 3), dtype=torch.float32).view(1, 3, 1, 1)
     norm = normalization_rows(mean, std)
+    lut = normalization_table(norm)
     for t, (img, top, left, ch, cw, oh, _) in enumerate(cases(4, 300)):
         size = min(oh, ch, cw)
         flip = bool(t % 2)
@@ -92,7 +94,7 @@ def test_normalize_variant_is_the_loaders_normalization_of_the_uint8_resize(chw,
         want = want[:, :, ::-1] if flip else want
         want = want if chw else want.transpose(1, 2, 0)
         out = np.empty(3 * size * size, np.float32)
-        area_resize_normalize(img, top, left, ch, cw, size, flip, norm, out, chw)
+        area_resize_normalize(img, top, left, ch, cw, size, flip, norm, lut, out, chw)
         np.testing.assert_array_equal(out, want.reshape(-1),
                                       err_msg=str((img.shape, top, left, ch, cw, size, flip)))
 
