@@ -31,7 +31,7 @@ imagenette this saves little decode time (entropy decoding dominates) but
 shrinks the crop to resize: ~220 vs ~260 us of CPU per image. Raw samples are
 read in place. The low-res store (``lowres=True``: raw pixels, shorter side
 sized so every crop still has the student resolution) is the fast path: no
-decode, a small resize (~8 us of CPU per image in the kernel, all included).
+decode, a small resize (~5 us of CPU per image in the kernel, all included).
 
 Order and sharding follow ``torch.utils.data.DistributedSampler`` (which is
 what FFCV's ``distributed=True`` uses): the permutation is seeded by
