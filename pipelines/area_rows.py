@@ -30,6 +30,9 @@ from numba import types
 
 SYMBOL = "cqkd_area_hrow3_normalize"
 # int32 values read past the last tap's pixel: the ignored 4th lane of its load.
+# pipelines.area_resize sizes its row padding from it; numba's disk cache does
+# not see a change here, so after changing it delete the cached kernels
+# (pipelines/__pycache__/area_resize*.nb*, ffcv_ops*.nb*).
 READ_PAST = 1
 # Rounding offset of the exact ``int(total * inv + ROUND)`` (see
 # pipelines.area_resize._level, which explains the 1e-9).
