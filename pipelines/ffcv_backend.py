@@ -48,9 +48,11 @@ instead of the OS cache; ``os_cache=`` overrides the choice.
 Threads and memory. FFCV runs each epoch in an ``EpochIterator`` thread and
 allocates its batch buffers per epoch; a consumer that breaks out early leaves
 that thread blocked on its queue. Here one FFCV ``Loader`` lives as long as
-this object, its buffers are allocated once, and the epoch thread is always
-stopped and joined (end of epoch, early break, next ``__iter__``, ``close``,
-garbage collection). Each FFCV Loader compiles its pipeline, and numba never
+this object, its buffers are allocated once, and one producer thread
+(:mod:`pipelines.ffcv_producer`) decodes epoch after epoch, at most
+``batches_ahead`` batches ahead of the consumer, into the next epoch too.
+It is stopped and joined on an early break, an ``__iter__`` at an epoch it
+did not guess, ``close`` and garbage collection. Each FFCV Loader compiles its pipeline, and numba never
 frees compiled code (~8 MB per Loader), so a closed or collected loader hands
 its FFCV Loader to :mod:`pipelines.ffcv_pool`, and the next loader with the
 same settings reuses it: recreating the loader every epoch no longer grows
@@ -69,7 +71,6 @@ on disk, so a new loader costs ~1 s of compilation instead of ~10 s.
 """
 from __future__ import annotations
 
-import queue
 import weakref
 from typing import Iterator, Optional
 
@@ -80,7 +81,6 @@ import torch
 
 from ffcv.fields import IntField, RGBImageField
 from ffcv.loader import Loader
-from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 from ffcv.pipeline.compiler import Compiler
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.traversal_order.quasi_random import QuasiRandom
@@ -92,11 +92,11 @@ from pipelines.area_resize import normalization_rows
 from pipelines.batch import Batch
 from pipelines.ffcv_ops import (T_INDEX, T_STATUS, T_VIEW, EpochCell, ViewCropDecoder,
                                 split_normalized, split_packed)
+from pipelines.ffcv_producer import EpochProducer
 from pipelines.loader import BaseLoader, LoaderConfig, sharded_order
 from pipelines.views import epoch_view_ids
 
 FIELDS = {"image": RGBImageField, "label": IntField, "index": IntField}
-_FAILED = object()  # queue sentinel: the epoch thread raised
 
 
 class _ShardedOrder(TraversalOrder):
@@ -135,83 +135,11 @@ class _QuasiRandomOrder(QuasiRandom):
         return super().sample_order(epoch)
 
 
-class _EpochThread(EpochIterator):
-    """FFCV's epoch thread, plus: an exception in the thread reaches the
-    consumer (FFCV's would leave it waiting forever), and :meth:`stop`."""
-
-    def __init__(self, loader: Loader, order: np.ndarray):
-        self.error: Optional[BaseException] = None
-        super().__init__(loader, order)  # starts the thread
-
-    # FFCV's run() takes batches from ``iter_ixes`` and only looks at the
-    # terminate event when its queue stays full; ending the batch iterator
-    # makes a stopped thread finish after the batch in progress.
-    @property
-    def iter_ixes(self):
-        return self._ixes
-
-    @iter_ixes.setter
-    def iter_ixes(self, batches):
-        self._ixes = self._until_stopped(batches)
-
-    def _until_stopped(self, batches):
-        for batch in batches:
-            if self.terminate_event.is_set():
-                return
-            yield batch
-
-    def run(self):
-        # prange hands out chunks of ~1/8 of a thread's share as threads free
-        # up (thread-local setting, so set here). With numba's default of
-        # one static share per thread, each batch waited for whichever
-        # thread this thread's or the training thread's Python preempted:
-        # low-res batches are 10-25 % faster this way on 2 cores (measured).
-        loader = self.loader
-        numba.set_parallel_chunksize(max(1, loader.batch_size // (8 * loader.num_workers)))
-        try:
-            super().run()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            self.error = e
-            while not self.terminate_event.is_set():
-                try:
-                    self.output_queue.put(_FAILED, timeout=0.5)
-                    return
-                except queue.Full:
-                    pass
-
-    def __next__(self):
-        item = self.output_queue.get()
-        if item is _FAILED:
-            raise RuntimeError(f"FFCV decode thread failed: {self.error!r}") from self.error
-        if item is None:
-            raise StopIteration
-        slot, result = item
-        if IS_CUDA:  # as FFCV's __next__: wait for this slot's copies
-            self.current_stream.wait_stream(self.cuda_streams[slot])
-        return result
-
-    def stop(self) -> None:
-        """Stop and join the thread: it finishes the batch in progress, then
-        puts that batch and its end marker (draining unblocks the puts)."""
-        self.terminate_event.set()
-        while self.is_alive():
-            try:
-                while True:
-                    self.output_queue.get_nowait()
-            except queue.Empty:
-                pass
-            self.join(timeout=0.01)
-        self.close()
-        # FFCV's process cache reads pages with its own threads; close() only
-        # asks them to finish.
-        for reader in getattr(getattr(self.memory_context, "executor", None), "threads", ()):
-            reader.join()
-
-
 def _memoize_allocations(loader: Loader) -> None:
-    """FFCV allocates every epoch's batch buffers anew (pinned when CUDA is
-    present); allocate them once. Safe because an epoch thread is always
-    joined before the next one starts."""
+    """FFCV allocates batch buffers for every epoch thread (pinned when CUDA
+    is present), and a producer starts whenever an epoch was not decoded
+    ahead; allocate them once. Safe because a producer is always joined
+    before the next one starts."""
     graph, original, cache = loader.graph, loader.graph.allocate_memory, {}
 
     def allocate_memory(batch_size, slots):
@@ -223,17 +151,17 @@ def _memoize_allocations(loader: Loader) -> None:
 
 
 class _Lease:
-    """The epoch thread running on a pooled FFCV Loader. Owned by one
+    """The producer thread running on a pooled FFCV Loader. Owned by one
     FFCVLoader; its finalizer calls :meth:`release` (no reference back), so
     the Loader returns to the pool only once no thread uses its buffers."""
 
     def __init__(self):
-        self.active: Optional[_EpochThread] = None
+        self.active: Optional[EpochProducer] = None
 
     def stop(self) -> None:
-        thread, self.active = self.active, None
-        if thread is not None:
-            thread.stop()
+        producer, self.active = self.active, None
+        if producer is not None:
+            producer.stop()
 
     def release(self, key, entry) -> None:
         self.stop()
@@ -245,7 +173,12 @@ class FFCVLoader(BaseLoader):
 
     ``os_cache``: ``None`` = OS page cache when the file fits in half the
     available RAM, else FFCV's process cache. ``batches_ahead``: batches
-    decoded in advance by the epoch thread. ``normalize_in_decoder``: the
+    decoded in advance by the producer thread. ``next_epoch_ahead``: after an
+    epoch's last batch the producer goes on with the next epoch's first
+    batches (:mod:`pipelines.ffcv_producer`); the next epoch is guessed as
+    this epoch + 1, or this epoch again when the loader was iterated twice at
+    one epoch (an eval loader without ``set_epoch``). A wrong guess costs the
+    ``batches_ahead`` batches decoded. ``normalize_in_decoder``: the
     decode kernel writes normalized float views (default on CPU); otherwise it
     writes uint8 and normalization follows on the training device (default
     on CUDA: a 4x smaller host->device copy).
@@ -253,8 +186,11 @@ class FFCVLoader(BaseLoader):
 
     def __init__(self, cfg: LoaderConfig, rank: Optional[int] = None,
                  world_size: Optional[int] = None, *, os_cache: Optional[bool] = None,
-                 batches_ahead: int = 3, normalize_in_decoder: Optional[bool] = None):
+                 batches_ahead: int = 3, next_epoch_ahead: bool = True,
+                 normalize_in_decoder: Optional[bool] = None):
         super().__init__(cfg, rank, world_size)
+        self._next_epoch_ahead = bool(next_epoch_ahead)
+        self._last_epoch: Optional[int] = None
         if cfg.lowres and not self.store.has("ffcv_lowres"):
             raise StoreError(f"{self.store.root}: lowres=True but this store has no low-res "
                              f"companion; convert with --student-resolution N, or set "
@@ -339,25 +275,27 @@ class FFCVLoader(BaseLoader):
     def __iter__(self) -> Iterator[Batch]:
         if self._loader is None:
             raise RuntimeError("this FFCVLoader is closed")
-        self._lease.stop()
-        epoch = self.epoch
-        self._epoch_cell.set(epoch)
-        loader = self._loader
-        Compiler.set_num_threads(loader.num_workers)
-        order = loader.traversal_order.sample_order(epoch)
-        order = order[:len(loader) * loader.batch_size]
-        thread = _EpochThread(loader, order)
-        self._lease.active = thread
+        epoch, loader = self.epoch, self._loader
+        producer = self._lease.active
+        if producer is None or producer.next_epoch != epoch:  # not decoded ahead
+            self._lease.stop()
+            step = (0 if epoch == self._last_epoch else 1) if self._next_epoch_ahead else None
+            Compiler.set_num_threads(loader.num_workers)
+            producer = self._lease.active = EpochProducer(loader, self._epoch_cell, epoch, step)
+        self._last_epoch = epoch
         meta = loader.reader.metadata
         labels = meta[f"f{loader.field_name_to_f_ix['label']}"]
         index_field = meta[f"f{loader.field_name_to_f_ix['index']}"]
+        complete = False
         try:
-            # The thread decodes the order's batches one after the other.
-            for start, (packed,) in zip(range(0, len(order), loader.batch_size), thread):
-                chunk = order[start:start + loader.batch_size]
+            for chunk, (packed,) in producer.epoch(epoch):
                 yield self._assemble(packed, labels[chunk], index_field[chunk], epoch)
+            complete = True
         finally:
-            self._lease.stop()
+            # broken out of or failed mid-epoch: stop this iterator's producer
+            # (not a newer iterator's)
+            if not complete and self._lease.active is producer:
+                self._lease.stop()
 
     def _view_ids(self, indices: np.ndarray, epoch: int) -> np.ndarray:
         """``view_ids_for`` with the epoch this iteration started with."""

@@ -45,6 +45,16 @@ def imagenette_subset(data_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def raw_store(imagenette_subset, tmp_path_factory) -> Path:
+    """The imagenette subset as an FFCV store of raw pixels (the PIL decode
+    of each source JPEG) with a 32 px low-res companion."""
+    from loader_helpers import convert_store
+
+    return convert_store(imagenette_subset, tmp_path_factory.mktemp("ffcv_raw") / "store", "ffcv",
+                         "--write-mode", "raw", "--student-resolution", "32")
+
+
+@pytest.fixture(scope="session")
 def cifar_stores(data_root, tmp_path_factory) -> dict:
     """Converted CIFAR-100 stores for trainer tests: train 10 classes x 60,
     test 10 classes x 20, raw pixels, with a 16 px low-res companion."""

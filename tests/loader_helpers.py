@@ -3,13 +3,14 @@ undoing the normalization, and telling whether a backend is installed."""
 from __future__ import annotations
 
 import importlib
+import shutil
 from typing import Optional
 
 import torch
 
 from dataset_tools.convert import main as convert_main
 from dataset_tools.store import open_store
-from pipelines.loader import BACKENDS
+from pipelines.loader import BACKENDS, LoaderConfig
 
 BATCH_FIELDS = ("student", "teacher", "labels", "indices", "boxes", "flips", "view_ids")
 
@@ -21,6 +22,19 @@ def convert_store(src, out, formats: str, *extra):
                        "--workers", "1", "--no-progress", *extra])
     assert rc == 0
     return out
+
+
+def copy_store(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def ffcv_cfg(store, **kw) -> LoaderConfig:
+    """The FFCV tests' loader config: CPU, 2 threads, batch 16, no reduced decode."""
+    base = dict(backend="ffcv", store=str(store), batch_size=16, num_workers=2, device="cpu",
+                drop_last=False, seed=3, student_resolution=32, reduced_decode=False)
+    base.update(kw)
+    return LoaderConfig(**base)
 
 
 def collect_epoch(loader, epoch: int = 0, max_batches: Optional[int] = None) -> dict:

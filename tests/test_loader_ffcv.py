@@ -11,12 +11,9 @@ from ``torch.utils.data.DistributedSampler``; view ids and boxes from
 from __future__ import annotations
 
 import json
-import shutil
-import threading
 
 import cv2
 import numpy as np
-import psutil
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -33,16 +30,9 @@ from pipelines.loader import LoaderConfig, create_loader
 from pipelines.reference import reduced_scale
 from pipelines.views import box_to_pixels, epoch_view_ids, view_params
 
-from loader_helpers import collect_epoch, convert_store, to_uint8
+from loader_helpers import collect_epoch, convert_store, copy_store, ffcv_cfg, to_uint8
 
 N = 80  # imagenette_subset: 10 classes x 8 JPEGs, 224x224
-
-
-@pytest.fixture(scope="module")
-def raw_store(imagenette_subset, tmp_path_factory):
-    """Raw pixels (the PIL decode of each source JPEG) + the low-res companion."""
-    return convert_store(imagenette_subset, tmp_path_factory.mktemp("ffcv_raw") / "store", "ffcv",
-                         "--write-mode", "raw", "--student-resolution", "32")
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +47,6 @@ def sources(imagenette_subset):
     folder = ImageFolder(str(imagenette_subset))
     images = [np.array(Image.open(p).convert("RGB")) for p, _ in folder.samples]
     return images, np.array([label for _, label in folder.samples])
-
-
-def cfg_for(store, **kw) -> LoaderConfig:
-    base = dict(backend="ffcv", store=str(store), batch_size=16, num_workers=2, device="cpu",
-                drop_last=False, seed=3, student_resolution=32, reduced_decode=False)
-    base.update(kw)
-    return LoaderConfig(**base)
 
 
 @pytest.fixture
@@ -127,7 +110,7 @@ TOL = {32: (4.0, 24), 64: (3.0, 18)}
 
 def test_crops_match_source_oracles(raw_store, sources, trailers):
     images, labels = sources
-    cfg = cfg_for(raw_store, teacher_resolution=64, shuffle=True)
+    cfg = ffcv_cfg(raw_store, teacher_resolution=64, shuffle=True)
     with create_loader(cfg) as loader:
         assert isinstance(loader, FFCVLoader) and len(loader) == 5
         got = epoch_arrays(loader, raw_store, epoch=1)
@@ -170,7 +153,7 @@ def test_decoder_normalization_is_finish_batch_normalization(jpg_store):
     table holds exactly what _normalize computes), and kept batches must not
     be overwritten."""
     for channels_last in (False, True):
-        cfg = cfg_for(jpg_store, teacher_resolution=48, channels_last=channels_last,
+        cfg = ffcv_cfg(jpg_store, teacher_resolution=48, channels_last=channels_last,
                       reduced_decode=True)
         epochs = {}
         for fused in (True, False):
@@ -192,7 +175,7 @@ def test_decoder_normalization_is_finish_batch_normalization(jpg_store):
 
 def test_replayed_views_and_epoch_order(raw_store, sources):
     images, _ = sources
-    cfg = cfg_for(raw_store, num_views=3, student_resolution=16, shuffle=True, seed=5)
+    cfg = ffcv_cfg(raw_store, num_views=3, student_resolution=16, shuffle=True, seed=5)
     seen: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
     orders = []
     repeats = 0
@@ -226,7 +209,7 @@ def test_replayed_views_and_epoch_order(raw_store, sources):
 
 def test_eval_is_view_zero_and_fixed_view_is_fixed(raw_store, sources):
     images, _ = sources
-    with create_loader(cfg_for(raw_store, train=False, shuffle=False)) as loader:
+    with create_loader(ffcv_cfg(raw_store, train=False, shuffle=False)) as loader:
         got = epoch_arrays(loader, raw_store, 4)
     np.testing.assert_array_equal(got["indices"], np.arange(N))
     assert (got["view_ids"] == 0).all() and not got["flips"].any()
@@ -234,7 +217,7 @@ def test_eval_is_view_zero_and_fixed_view_is_fixed(raw_store, sources):
     for i in range(N):
         assert_area_equal(got["student"][i], cv2.resize(images[i], (32, 32),
                                                                     interpolation=cv2.INTER_AREA))
-    with create_loader(cfg_for(raw_store, fixed_view=7, student_resolution=16)) as loader:
+    with create_loader(ffcv_cfg(raw_store, fixed_view=7, student_resolution=16)) as loader:
         a, b = epoch_arrays(loader, raw_store, 0), epoch_arrays(loader, raw_store, 3)
     assert (a["view_ids"] == 7).all() and (b["view_ids"] == 7).all()
     order = np.argsort(a["indices"]), np.argsort(b["indices"])
@@ -246,10 +229,10 @@ def test_lowres_store_path(raw_store, sources, trailers):
     images, _ = sources
     side = open_store(raw_store).manifest["stores"]["ffcv_lowres"]["resolution"]
     assert side == 63  # ceil(32 * sqrt((4/3) / 0.35))
-    cfg = cfg_for(raw_store, lowres=True, shuffle=False)
+    cfg = ffcv_cfg(raw_store, lowres=True, shuffle=False)
     with create_loader(cfg) as loader:
         low = epoch_arrays(loader, raw_store, 2)
-    with create_loader(cfg_for(raw_store, shuffle=False)) as loader:
+    with create_loader(ffcv_cfg(raw_store, shuffle=False)) as loader:
         full = epoch_arrays(loader, raw_store, 2)
     for k in ("indices", "labels", "view_ids", "boxes", "flips"):
         np.testing.assert_array_equal(low[k], full[k])
@@ -269,7 +252,7 @@ def test_lowres_store_path(raw_store, sources, trailers):
 
 def test_reduced_jpeg_decode(jpg_store, sources, trailers):
     images, _ = sources
-    cfg = cfg_for(jpg_store, shuffle=False)
+    cfg = ffcv_cfg(jpg_store, shuffle=False)
     with create_loader(cfg) as loader:
         full = epoch_arrays(loader, jpg_store, 1)
     n_full = len(trailers)
@@ -294,7 +277,7 @@ def test_reduced_jpeg_decode(jpg_store, sources, trailers):
 def test_distributed_shards_like_distributed_sampler(raw_store):
     world, seen = 3, []
     for rank in range(world):
-        cfg = cfg_for(raw_store, student_resolution=8, shuffle=True, seed=1)
+        cfg = ffcv_cfg(raw_store, student_resolution=8, shuffle=True, seed=1)
         with FFCVLoader(cfg, rank=rank, world_size=world) as loader:
             assert loader.samples_per_rank == 27 and len(loader) == 2
             got = epoch_arrays(loader, raw_store, 1)
@@ -306,129 +289,32 @@ def test_distributed_shards_like_distributed_sampler(raw_store):
     assert len(allx) == 81 and set(allx.tolist()) == set(range(N))  # one padding repeat
 
 
-def _threads_and_rss() -> tuple[int, int]:
-    return threading.active_count(), psutil.Process().memory_info().rss
-
-
-def test_early_breaks_and_recreation_do_not_leak(raw_store):
-    cfg = cfg_for(raw_store, student_resolution=16, batch_size=8, shuffle=True)
-    with create_loader(cfg) as loader:
-        for b in loader:  # warm up: compile, allocate buffers
-            pass
-        threads0, rss0 = _threads_and_rss()
-        for epoch in range(20):
-            loader.set_epoch(epoch)
-            for b in loader:
-                break  # FFCV's own EpochIterator would stay blocked on its queue
-            it = iter(loader)
-            next(it)
-            del it
-            assert threading.active_count() == threads0
-        threads1, rss1 = _threads_and_rss()
-    assert threads1 == threads0
-    assert rss1 - rss0 < 64 * 2 ** 20, (rss1 - rss0) / 2 ** 20
-    for _ in range(2):  # a loader per epoch, abandoned mid-epoch, closed
-        loader = create_loader(cfg)
-        next(iter(loader))
-        loader.close()
-    threads2, rss2 = _threads_and_rss()
-    assert threads2 == threads0
-    assert rss2 - rss0 < 128 * 2 ** 20, (rss2 - rss0) / 2 ** 20
-    with pytest.raises(RuntimeError, match="closed"):
-        next(iter(loader))
-
-
-@pytest.mark.slow  # FFCV compiles its quasi-random sampler anew in every process (~10 s)
-def test_process_cache_quasi_random_path(raw_store):
-    """Files too big for the page cache: FFCV's process cache (its own page
-    reader threads) and QUASI_RANDOM order, reproducible per epoch."""
-    threads0 = threading.active_count()
-    cfg = cfg_for(raw_store, student_resolution=8, shuffle=True)
-    with FFCVLoader(cfg, os_cache=False) as loader:
-        orders = []
-        for epoch in (0, 1, 0):
-            loader.set_epoch(epoch)
-            orders.append(np.concatenate([b.indices.numpy() for b in loader]))
-            assert sorted(orders[-1].tolist()) == list(range(N))
-        for b in loader:
-            break
-    assert threading.active_count() == threads0
-    assert not np.array_equal(orders[0], orders[1])
-    np.testing.assert_array_equal(orders[0], orders[2])
-
-
-def test_twenty_recreated_loaders_do_not_leak(raw_store):
-    """A loader per epoch, abandoned mid-epoch and dropped without close().
-    Without the pool (pipelines.ffcv_pool) every FFCV Loader's compiled code
-    stayed for good: ~8 MB per loader, 154 MB after these 20."""
-    cfg = cfg_for(raw_store, student_resolution=16, batch_size=8, shuffle=True)
-    with create_loader(cfg) as loader:
-        next(iter(loader))
-    threads0, rss0 = _threads_and_rss()
-    for epoch in range(20):
-        loader = create_loader(cfg)
-        loader.set_epoch(epoch)
-        for i, b in enumerate(loader):
-            if i == 2:
-                break
-        del loader  # no close(): the generator's finally and GC must clean up
-    threads1, rss1 = _threads_and_rss()
-    assert threads1 == threads0
-    assert rss1 - rss0 < 32 * 2 ** 20, (rss1 - rss0) / 2 ** 20
-
-
-def test_pool_reuses_a_closed_loaders_ffcv_loader_only_for_the_same_settings(raw_store, tmp_path):
-    cfg = cfg_for(raw_store, student_resolution=16, batch_size=8, shuffle=True)
-    with create_loader(cfg) as first:
-        first.set_epoch(3)
-        want = [b.student for b in first]
-        compiled = first._loader
-    with create_loader(cfg) as again:  # the same compiled FFCV Loader, the same epoch
-        assert again._loader is compiled
-        again.set_epoch(3)
-        got = [b.student for b in again]
-        with create_loader(cfg) as concurrent:  # in use: never shared
-            assert concurrent._loader is not compiled
-    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
-    with create_loader(cfg_for(raw_store, student_resolution=16, batch_size=8, shuffle=True,
-                               seed=4)) as other:
-        assert other._loader is not compiled
-    copy = _copy_store(raw_store, tmp_path / "copy")  # another file: its own Loader
-    with create_loader(cfg_for(copy, student_resolution=16, batch_size=8, shuffle=True)) as c:
-        assert c._loader is not compiled
-
-
-def _copy_store(src, dst):
-    shutil.copytree(src, dst)
-    return dst
-
-
 def test_errors_name_the_problem(raw_store, jpg_store, tmp_path):
     with pytest.raises(StoreError, match="no such store"):
-        FFCVLoader(cfg_for(tmp_path / "nope"))
+        FFCVLoader(ffcv_cfg(tmp_path / "nope"))
     with pytest.raises(StoreError, match="student-resolution"):
-        FFCVLoader(cfg_for(jpg_store, lowres=True))
+        FFCVLoader(ffcv_cfg(jpg_store, lowres=True))
     with pytest.raises(ValueError, match="teacher"):
-        FFCVLoader(cfg_for(raw_store, lowres=True, teacher_resolution=64))
+        FFCVLoader(ffcv_cfg(raw_store, lowres=True, teacher_resolution=64))
 
-    no_ffcv = _copy_store(raw_store, tmp_path / "no_ffcv")
+    no_ffcv = copy_store(raw_store, tmp_path / "no_ffcv")
     m = json.loads((no_ffcv / "manifest.json").read_text())
     del m["stores"]["ffcv"]
     (no_ffcv / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(StoreError, match="--formats ffcv"):
-        FFCVLoader(cfg_for(no_ffcv))
+        FFCVLoader(ffcv_cfg(no_ffcv))
 
-    wrong_n = _copy_store(raw_store, tmp_path / "wrong_n")
+    wrong_n = copy_store(raw_store, tmp_path / "wrong_n")
     m = json.loads((wrong_n / "manifest.json").read_text())
     m["num_samples"] = N + 1
     (wrong_n / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(StoreError, match="samples but"):
-        FFCVLoader(cfg_for(wrong_n))
+        FFCVLoader(ffcv_cfg(wrong_n))
 
-    garbage = _copy_store(raw_store, tmp_path / "garbage")
+    garbage = copy_store(raw_store, tmp_path / "garbage")
     (garbage / "train.beton").write_bytes(b"not an ffcv file" * 64)
     with pytest.raises(StoreError, match="train.beton"):
-        FFCVLoader(cfg_for(garbage))
+        FFCVLoader(ffcv_cfg(garbage))
 
 
 def _rewrite_beton(path, edit):
@@ -450,9 +336,9 @@ def test_corrupt_store_content_is_detected(raw_store, jpg_store, tmp_path):
         start = HeaderType.itemsize + reader.field_descriptors.nbytes
         data[start:start + meta.nbytes] = meta.view(np.uint8)
 
-    bad_index = _copy_store(raw_store, tmp_path / "bad_index")
+    bad_index = copy_store(raw_store, tmp_path / "bad_index")
     _rewrite_beton(bad_index / "train.beton", swap_index)
-    with FFCVLoader(cfg_for(bad_index, shuffle=False, student_resolution=8)) as loader:
+    with FFCVLoader(ffcv_cfg(bad_index, shuffle=False, student_resolution=8)) as loader:
         with pytest.raises(StoreError, match="'index' field"):
             next(iter(loader))
 
@@ -460,16 +346,16 @@ def test_corrupt_store_content_is_detected(raw_store, jpg_store, tmp_path):
         ptr = int(reader.metadata["f0"][3]["data_ptr"])
         data[ptr:ptr + 64] = 0
 
-    bad_jpeg = _copy_store(jpg_store, tmp_path / "bad_jpeg")
+    bad_jpeg = copy_store(jpg_store, tmp_path / "bad_jpeg")
     _rewrite_beton(bad_jpeg / "train.beton", zero_jpeg)
-    with FFCVLoader(cfg_for(bad_jpeg, shuffle=False, student_resolution=8)) as loader:
+    with FFCVLoader(ffcv_cfg(bad_jpeg, shuffle=False, student_resolution=8)) as loader:
         with pytest.raises(StoreError, match=r"decode sample\(s\) \[3\]"):
             next(iter(loader))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(raw_store):
-    cfg = cfg_for(raw_store, teacher_resolution=64, shuffle=True)
+    cfg = ffcv_cfg(raw_store, teacher_resolution=64, shuffle=True)
     with create_loader(cfg) as cpu_loader:
         a = epoch_arrays(cpu_loader, raw_store, 1)
     with create_loader(LoaderConfig(**{**cfg.__dict__, "device": "cuda"})) as gpu_loader:
