@@ -173,12 +173,15 @@ class FFCVLoader(BaseLoader):
 
     ``os_cache``: ``None`` = OS page cache when the file fits in half the
     available RAM, else FFCV's process cache. ``batches_ahead``: batches
-    decoded in advance by the producer thread. ``next_epoch_ahead``: after an
-    epoch's last batch the producer goes on with the next epoch's first
-    batches (:mod:`pipelines.ffcv_producer`); the next epoch is guessed as
-    this epoch + 1, or this epoch again when the loader was iterated twice at
-    one epoch (an eval loader without ``set_epoch``). A wrong guess costs the
-    ``batches_ahead`` batches decoded. ``normalize_in_decoder``: the
+    decoded in advance by the producer thread. ``next_epoch_ahead`` (default:
+    for training loaders, ``cfg.train``): after an epoch's last batch the
+    producer goes on with the next epoch's first batches
+    (:mod:`pipelines.ffcv_producer`) and keeps them, ``batches_ahead`` at
+    most, until the next ``__iter__``; the next epoch is guessed as this
+    epoch + 1, or this epoch again when the loader was iterated twice at one
+    epoch. A wrong guess costs the batches decoded. Eval loaders, iterated
+    once between long training epochs, would only hold memory that way.
+    ``normalize_in_decoder``: the
     decode kernel writes normalized float views (default on CPU); otherwise it
     writes uint8 and normalization follows on the training device (default
     on CUDA: a 4x smaller host->device copy).
@@ -186,10 +189,10 @@ class FFCVLoader(BaseLoader):
 
     def __init__(self, cfg: LoaderConfig, rank: Optional[int] = None,
                  world_size: Optional[int] = None, *, os_cache: Optional[bool] = None,
-                 batches_ahead: int = 3, next_epoch_ahead: bool = True,
+                 batches_ahead: int = 3, next_epoch_ahead: Optional[bool] = None,
                  normalize_in_decoder: Optional[bool] = None):
         super().__init__(cfg, rank, world_size)
-        self._next_epoch_ahead = bool(next_epoch_ahead)
+        self._next_epoch_ahead = cfg.train if next_epoch_ahead is None else bool(next_epoch_ahead)
         self._last_epoch: Optional[int] = None
         if cfg.lowres and not self.store.has("ffcv_lowres"):
             raise StoreError(f"{self.store.root}: lowres=True but this store has no low-res "

@@ -148,7 +148,10 @@ class EpochProducer(EpochIterator):
             if got != epoch:  # a bug, not bad data
                 raise RuntimeError(f"FFCV producer queued epoch {got} while {epoch} was read")
             if ixes is None:
-                self.next_epoch = None if self.step is None else epoch + self.step
+                if self.step is None:  # the thread is ending: no thread outlives the epoch
+                    self.join()
+                else:
+                    self.next_epoch = epoch + self.step
                 return
             if IS_CUDA:  # as FFCV's __next__: wait for this slot's copies
                 self.current_stream.wait_stream(self.cuda_streams[slot])

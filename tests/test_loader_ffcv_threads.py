@@ -82,6 +82,9 @@ def test_early_breaks_and_recreation_do_not_leak(raw_store):
             pass
         # one thread: the producer, decoding the next epoch ahead
         assert threading.active_count() == threads0 + 1
+        with create_loader(ffcv_cfg(raw_store, student_resolution=16, train=False)) as val:
+            assert len(list(val)) == 5
+            assert threading.active_count() == threads0 + 1  # eval: nothing decoded ahead
         rss0 = psutil.Process().memory_info().rss
         for epoch in range(20):
             loader.set_epoch(epoch)
