@@ -55,6 +55,45 @@ def raw_store(imagenette_subset, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def dali_jpeg_store(imagenette_subset, tmp_path_factory) -> Path:
+    """The imagenette subset as DALI webdataset shards (JPEG)."""
+    from loader_helpers import convert_store
+
+    return convert_store(imagenette_subset, tmp_path_factory.mktemp("dali_jpeg") / "store", "dali")
+
+
+@pytest.fixture(scope="session")
+def dali_png_store(cifar_subset, tmp_path_factory) -> Path:
+    """The CIFAR subset as DALI webdataset shards (PNG)."""
+    from loader_helpers import convert_store
+
+    return convert_store(cifar_subset, tmp_path_factory.mktemp("dali_png") / "store", "dali")
+
+
+@pytest.fixture(scope="session")
+def dali_varsize(imagenette_subset, tmp_path_factory) -> tuple[Path, Path]:
+    """(source folder, DALI store) of images of different, non-square,
+    non-MCU-aligned sizes (JPEG and PNG)."""
+    from PIL import Image
+
+    from loader_helpers import convert_store
+
+    src = tmp_path_factory.mktemp("dali_var_src")
+    sizes = [(224, 160), (150, 224), (97, 131), (64, 201), (33, 47), (211, 99)]
+    files = sorted(p for p in imagenette_subset.rglob("*") if p.is_file())
+    for k, (h, w) in enumerate(sizes * 2):
+        cls = src / f"c{k % 2}"
+        cls.mkdir(exist_ok=True)
+        with Image.open(files[k]) as im:
+            im = im.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)
+            if k < len(sizes):
+                im.save(cls / f"{k:02d}.jpg", quality=90)
+            else:
+                im.save(cls / f"{k:02d}.png")
+    return src, convert_store(src, tmp_path_factory.mktemp("dali_var") / "store", "dali")
+
+
+@pytest.fixture(scope="session")
 def cifar_stores(data_root, tmp_path_factory) -> dict:
     """Converted CIFAR-100 stores for trainer tests: train 10 classes x 60,
     test 10 classes x 20, raw pixels, with a 16 px low-res companion."""

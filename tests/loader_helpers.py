@@ -37,6 +37,16 @@ def ffcv_cfg(store, **kw) -> LoaderConfig:
     return LoaderConfig(**base)
 
 
+def dali_cfg(store, **kw) -> LoaderConfig:
+    """The DALI tests' loader config: CPU, 2 threads, batch 16, DALI's own
+    decoder graph unless ``reduced_decode=True`` is passed (the scaled JPEG
+    decoder, tested against its own oracle)."""
+    base = dict(backend="dali", store=str(store), batch_size=16, num_workers=2, device="cpu",
+                drop_last=False, reduced_decode=False)
+    base.update(kw)
+    return LoaderConfig(**base)
+
+
 def collect_epoch(loader, epoch: int = 0, max_batches: Optional[int] = None) -> dict:
     """One epoch's Batch fields concatenated (absent fields left out), plus
     ``sizes``: the batch lengths."""
