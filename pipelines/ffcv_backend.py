@@ -52,11 +52,12 @@ this object, its buffers are allocated once, and one producer thread
 (:mod:`pipelines.ffcv_producer`) decodes epoch after epoch, at most
 ``batches_ahead`` batches ahead of the consumer, into the next epoch too.
 It is stopped and joined on an early break, an ``__iter__`` at an epoch it
-did not guess, ``close`` and garbage collection. Each FFCV Loader compiles its pipeline, and numba never
-frees compiled code (~8 MB per Loader), so a closed or collected loader hands
-its FFCV Loader to :mod:`pipelines.ffcv_pool`, and the next loader with the
-same settings reuses it: recreating the loader every epoch no longer grows
-memory (tested). FFCV sets torch's and numba's thread count to ``num_workers``.
+did not guess, ``close`` and garbage collection. Each FFCV Loader compiles
+its pipeline, and numba never frees compiled code (~8 MB per Loader), so a
+closed or collected loader hands its FFCV Loader to
+:mod:`pipelines.ffcv_pool`, and the next loader with the same settings
+reuses it: recreating the loader every epoch no longer grows memory
+(tested). FFCV sets torch's and numba's thread count to ``num_workers``.
 
 Speed on CPU: the decode kernel also normalizes (``finish_batch``'s float32
 arithmetic, applied as the resize writes each value; tested bitwise against
@@ -337,6 +338,6 @@ class FFCVLoader(BaseLoader):
             raise RuntimeError("FFCV decoder and Python disagree on view ids")
 
     def close(self) -> None:
-        """Stop the epoch thread and hand the FFCV Loader back to the pool."""
+        """Stop the producer thread and hand the FFCV Loader back to the pool."""
         self._release()
         self._loader = None

@@ -7,8 +7,7 @@ order, a first batch nobody overlapped, and a drain at the end where one of
 the two cores idled: ~1.9 of ~17.3 ms (measured). :class:`EpochProducer`
 keeps going instead: when it has queued an epoch's last batch it computes the
 next epoch's order and decodes that epoch's first batches into the same
-bounded queue, as DALI's prefetching does across epoch boundaries. The next
-epoch is predicted as ``epoch + step`` (see
+bounded queue. The next epoch is predicted as ``epoch + step`` (see
 :class:`~pipelines.ffcv_backend.FFCVLoader`); the consumer checks every
 queued item's epoch, and a wrong guess only costs the few batches queued
 (the loader then starts a producer at the epoch asked for).
@@ -63,7 +62,7 @@ class EpochProducer(EpochIterator):
             self.current_stream = torch.cuda.current_stream()
         self.cuda_streams = [torch.cuda.Stream() if IS_CUDA else None for _ in range(self.slots)]
         self.memory_allocations = loader.graph.allocate_memory(loader.batch_size, self.slots)
-        self.memory_context, self.closed = None, True
+        self.memory_context = None  # each epoch's, set by _produce
         self.start()
 
     # -- producer side (this thread) ------------------------------------------
@@ -78,9 +77,8 @@ class EpochProducer(EpochIterator):
         numba.set_parallel_chunksize(max(1, loader.batch_size // (8 * loader.num_workers)))
         Compiler.set_num_threads(loader.num_workers)
         try:
-            epoch, slot = self.first_epoch, 0
-            events = [None] * self.slots
-            while slot is not None:
+            epoch, slot, events = self.first_epoch, 0, [None] * self.slots
+            while True:
                 slot = self._produce(epoch, slot, events)
                 if slot is None or self.step is None:
                     return
@@ -139,7 +137,6 @@ class EpochProducer(EpochIterator):
         while True:
             item = self.output_queue.get()
             if item is _FAILED:
-                self.next_epoch = None
                 raise RuntimeError(f"FFCV decode thread failed: {self.error!r}") from self.error
             if item is _STOPPED:
                 raise RuntimeError("this loader was iterated again (or closed) while this "
