@@ -14,10 +14,11 @@ reader and operators on the same shards (:mod:`benchmarks.stock_dali`); each
 of our FFCV variants also reports ``ratio_to_stock_ffcv``, our DALI variants
 ``ratio_to_stock_dali``. On CPU, ``dali`` decodes JPEGs at a reduced DCT
 scale (:mod:`pipelines.dali_scaled_decode`) and ``dali_exact`` with DALI's
-own decoder at full size, as ``ffcv`` and ``ffcv_exact`` do. ``torchvision_stock`` is ImageFolder +
-torchvision transforms + DataLoader on the source folder
-(:mod:`benchmarks.stock_torchvision`, a user's usual starting point); every
-variant reports ``ratio_to_torchvision_stock`` when it ran.
+own decoder at full size, as ``ffcv`` and ``ffcv_exact`` do.
+``torchvision_stock`` is ImageFolder + torchvision transforms + DataLoader on
+the source folder (:mod:`benchmarks.stock_torchvision`, a user's usual
+starting point); every variant reports ``ratio_to_torchvision_stock`` when it
+ran.
 
 Each variant runs in a fresh subprocess, so its peak memory (process + worker
 processes, see :class:`benchmarks.common.PeakRSS`) is its own and a crash or

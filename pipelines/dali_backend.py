@@ -297,13 +297,12 @@ class DALILoader(BaseLoader):
 
     def _check_status(self, indices: np.ndarray, status: np.ndarray) -> None:
         """The scaled decoder's libjpeg-turbo status per sample (0: decoded)."""
-        bad = np.flatnonzero(status.reshape(-1) != 0)
+        status = status.reshape(-1)
+        bad = np.flatnonzero(status != 0)
         if bad.size:
-            self._failure = StoreError(
-                f"{self.store.root}: DALI failed on sample {int(indices[bad[0]]):08d} (libjpeg-turbo "
-                f"could not decode it, status {int(status.reshape(-1)[bad[0]])}); check the store "
-                f"with 'python dataset_tools/convert.py verify {self.store.root}' and re-run the "
-                f"conversion if it fails. This loader cannot continue.")
+            self._failure = self._decode_failure(
+                f"sample {int(indices[bad[0]]):08d}",
+                f"libjpeg-turbo could not decode it, status {int(status[bad[0]])}")
             raise self._failure
 
     def _batch_error(self, indices: np.ndarray, err: Exception) -> StoreError:
@@ -320,6 +319,9 @@ class DALILoader(BaseLoader):
         # DALI's message: "... encountered:" then the operator's own error
         after = [lines[i + 1] for i, ln in enumerate(lines[:-1]) if ln.endswith("encountered:")]
         detail = after[0] if after else (lines[-1] if lines else type(err).__name__)
+        return self._decode_failure(what, detail)
+
+    def _decode_failure(self, what: str, detail: str) -> StoreError:
         return StoreError(f"{self.store.root}: DALI failed on {what} ({detail}); check the store "
                           f"with 'python dataset_tools/convert.py verify {self.store.root}' and "
                           f"re-run the conversion if it fails. This loader cannot continue.")
