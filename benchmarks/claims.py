@@ -23,7 +23,7 @@ import time
 from dataclasses import replace
 
 from benchmarks.demo import REPO, prepare, train_student
-from trainer.config import load_config
+from trainer.yaml_config import load_config
 from trainer.recipe import Config
 
 KD = dict(loss=dict(ce=0.1, kd=0.9))

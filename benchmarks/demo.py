@@ -23,9 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from dataset_tools.locate import shared_datasets_dir
-from dataset_tools.store import StoreError, open_store
+from dataset_tools.stores.layout import StoreError, open_store
 from trainer.checkpoint import load_checkpoint
-from trainer.config import load_config
+from trainer.yaml_config import load_config
 from trainer.recipe import Config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -88,7 +88,7 @@ def convert_subsets(s: E2ESettings, data: Path, root: Path) -> dict:
 
 
 def make_config(s: E2ESettings, stores: dict, out_dir: Path):
-    from trainer.config import load_config
+    from trainer.yaml_config import load_config
     from trainer.recipe import Config
 
     cfg = load_config(Config, RECIPE, [])

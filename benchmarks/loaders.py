@@ -13,7 +13,7 @@ the same files (:mod:`benchmarks.stock_ffcv`) and ``dali_stock`` DALI's own
 reader and operators on the same shards (:mod:`benchmarks.stock_dali`); each
 of our FFCV variants also reports ``ratio_to_stock_ffcv``, our DALI variants
 ``ratio_to_stock_dali``. On CPU, ``dali`` decodes JPEGs at a reduced DCT
-scale (:mod:`pipelines.dali_scaled_decode`) and ``dali_exact`` with DALI's
+scale (:mod:`pipelines.dali.scaled_decode`) and ``dali_exact`` with DALI's
 own decoder at full size, as ``ffcv`` and ``ffcv_exact`` do.
 ``torchvision_stock`` is ImageFolder + torchvision transforms + DataLoader on
 the source folder (:mod:`benchmarks.stock_torchvision`, a user's usual

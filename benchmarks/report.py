@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
 
-from trainer.checkpoint import atomic_write_bytes  # noqa: E402
+from dataset_tools.atomic import atomic_write_bytes  # noqa: E402
 
 
 def throughput_plot(summary: dict, path: Path) -> Path:

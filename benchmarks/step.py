@@ -47,42 +47,19 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import PeakRSS, machine_info, summarize
-from benchmarks.step_inputs import (SyntheticLoader, base_config, bench_trainer_class, make_batches,
-                                    mode_config, write_synthetic_teacher_and_cache)
+from benchmarks.step_inputs import (ALL_MODES, StepSettings, SyntheticLoader, base_config,
+                                    bench_trainer_class, make_batches, mode_config,
+                                    write_synthetic_teacher_and_cache)
 
-ALL_MODES = ("ce", "kd_cached", "kd_online", "kd_cached_cutmix")
 CALIBRATION_NOTE = ("calibration (ECE) is not reported here: on synthetic random batches it "
                     "means nothing; the e2e suite (python -m benchmarks run e2e) reports val ECE "
                     "next to images/sec")
-
-
-@dataclass
-class StepSettings:
-    teacher: str = "resnet32x4"
-    student: str = "resnet8x4"
-    teacher_resolution: int = 32
-    student_resolution: int = 16
-    batch_size: int = 128
-    num_classes: int = 100
-    num_samples: int = 50000  # rows of the synthetic logit cache (CIFAR-100 train size)
-    num_views: int = 4
-    modes: tuple[str, ...] = ALL_MODES
-    warmup: int = 3  # untimed steps per mode
-    steps: int = 10  # minimum steps per timed block
-    block_seconds: float = 2.0  # cheap modes run more steps per block, to last this long
-    repeats: int = 5  # timed rounds
-    device: str = "auto"
-    amp: str = "auto"
-    channels_last: bool = False
-    compile: bool = False
-    cache_dtype: str = "float16"
-    seed: int = 0
 
 
 # --quick: the default pair at a batch size that keeps a 2-core CPU run to about a minute

@@ -4,16 +4,35 @@ plus logit cache written through the trainer's own writers, so every mode's
 ``Trainer`` is built by the production code with only its loader replaced."""
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from benchmarks.step import StepSettings
+ALL_MODES = ("ce", "kd_cached", "kd_online", "kd_cached_cutmix")
+@dataclass
+class StepSettings:
+    teacher: str = "resnet32x4"
+    student: str = "resnet8x4"
+    teacher_resolution: int = 32
+    student_resolution: int = 16
+    batch_size: int = 128
+    num_classes: int = 100
+    num_samples: int = 50000  # rows of the synthetic logit cache (CIFAR-100 train size)
+    num_views: int = 4
+    modes: tuple[str, ...] = ALL_MODES
+    warmup: int = 3  # untimed steps per mode
+    steps: int = 10  # minimum steps per timed block
+    block_seconds: float = 2.0  # cheap modes run more steps per block, to last this long
+    repeats: int = 5  # timed rounds
+    device: str = "auto"
+    amp: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    cache_dtype: str = "float16"
+    seed: int = 0
 
 
 class SyntheticLoader:
@@ -105,7 +124,7 @@ def write_synthetic_teacher_and_cache(s: StepSettings, cfg) -> None:
     keyed to it, through the trainer's own writers."""
     from trainer.checkpoint import save_checkpoint, weights_hash
     from trainer.engine import cache_key
-    from trainer.logit_cache import fill_cache
+    from trainer.distill.logit_cache import fill_cache
     from trainer.models import create_model
 
     torch.manual_seed(s.seed)

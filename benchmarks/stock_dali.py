@@ -13,8 +13,8 @@ shards store them as text); an epoch drops the last partial batch.
 """
 from __future__ import annotations
 
-from dataset_tools.store import open_store
-from pipelines.dali_import import import_dali
+from dataset_tools.stores.layout import open_store
+from pipelines.dali.importer import import_dali
 from pipelines.loader import LoaderConfig
 
 READER = "Reader"

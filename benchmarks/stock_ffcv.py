@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dataset_tools.store import open_store
+from dataset_tools.stores.layout import open_store
 from pipelines.loader import LoaderConfig
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dataset_tools.store import StoreError, open_store
+from dataset_tools.stores.layout import StoreError, open_store
 from pipelines.loader import LoaderConfig
 
 
@@ -68,7 +68,7 @@ class StockTorchvisionLoader:
         return len(self._loader)
 
     def close(self) -> None:
-        # stop the persistent workers now, as pipelines/reference.py does (left
+        # stop the persistent workers now, as pipelines/reference/loader.py does (left
         # to the cyclic GC, their shutdown can wait out DataLoader's timeouts)
         it = getattr(self._loader, "_iterator", None)
         if it is not None:

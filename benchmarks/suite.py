@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.loaders import STOCK_OF, TV_STOCK, stock_ratio_key
-from trainer.checkpoint import atomic_write_bytes
+from dataset_tools.atomic import write_json_atomic as _write_json_atomic
 
 SUITES = ("loaders", "step", "convert", "e2e")
 
@@ -216,7 +216,7 @@ def run_suite(name: str, quick: bool, threads: int | None, data: Path, timeout: 
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    atomic_write_bytes(Path(path), lambda f: f.write((json.dumps(obj, indent=1) + "\n").encode()))
+    _write_json_atomic(path, obj, indent=1)
 
 
 def run_all(suites, out: Path, quick: bool, threads: int | None, data: Path | None,

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -126,11 +128,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def atomic_write_bytes(path: Path, write_fn) -> None:
+    """Write via ``write_fn(fileobj)`` to a temp file beside ``path``, fsync,
+    rename: readers never see half a file, and an interrupted write leaves the
+    old file (or none). The project's one atomic file writer."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp file + fsync + os.replace so readers never see half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def write_json_atomic(path: Path, obj, indent: int = 2) -> None:
+    """``obj`` as indented JSON plus a newline, atomically: the one JSON writer."""
+    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")

@@ -36,9 +36,9 @@ from typing import Iterator, Optional
 
 from tqdm import tqdm
 
-from dataset_tools import manifest as mf
+from dataset_tools.stores import manifest as mf
 from dataset_tools.atomic import Staging, write_text_atomic
-from dataset_tools.store import MANIFEST_NAME
+from dataset_tools.stores.layout import MANIFEST_NAME
 
 FORMATS = ("ffcv", "dali")
 WRITE_MODES = ("jpg", "raw", "proportion")
@@ -129,7 +129,7 @@ def _parallel_map(fn, items: list, workers: int, chunksize: int,
     # cv2.setNumThreads in worker_init then hangs forever. A fork server is a
     # clean, single-threaded process started once. Its workers import what
     # ``fn`` needs at start, so dataset_tools.records stays free of torch,
-    # numba and ffcv (see dataset_tools/ffcv_codec.py; tested).
+    # numba and ffcv (see dataset_tools/stores/ffcv_codec.py; tested).
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     gate, stop = threading.Semaphore(max(chunksize * workers * 4, chunksize)), threading.Event()
 
@@ -157,7 +157,7 @@ class _Outputs:
 
     def __init__(self, root: Path, split: str, opts: ConvertOptions, capacity: int,
                  low_side: Optional[int]):
-        from dataset_tools.writers import BetonWriter, ShardWriter, page_size_for
+        from dataset_tools.stores.writers import BetonWriter, ShardWriter, page_size_for
         from ffcv.fields import RGBImageField
 
         self.beton = self.lowres = self.shards = None
@@ -181,7 +181,7 @@ class _Outputs:
             raise
 
     def add(self, idx: int, res) -> None:
-        from dataset_tools.writers import RAW_MODE, ImageRecord
+        from dataset_tools.stores.writers import RAW_MODE, ImageRecord
 
         if self.beton:
             self.beton.add(res.ffcv, res.label, idx, res.name)
@@ -240,7 +240,7 @@ def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOpt
     from dataset_tools.records import (EncodeOptions, Rejected, lowres_side, prepare_sample,
                                        worker_init)
     from dataset_tools.sources import BadInput, SourceError, open_source
-    from dataset_tools.writers import RecordTooLarge
+    from dataset_tools.stores.writers import RecordTooLarge
 
     src, out_dir = Path(src), Path(out_dir)
     split = opts.split_name or default_split_name(src)

@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from dataset_tools.decode import load_item
-from dataset_tools.ffcv_codec import JPG_MODE, RAW_MODE, ImageRecord, encode_jpeg, imdecode, resizer
-from dataset_tools.manifest import channel_sums, sample_pixel_digest
+from dataset_tools.stores.ffcv_codec import JPG_MODE, RAW_MODE, ImageRecord, encode_jpeg, imdecode, resizer
+from dataset_tools.stores.manifest import channel_sums, sample_pixel_digest
 from dataset_tools.sources import BadInput, SourceItem
 
 # Test hook: seconds each worker sleeps per item, so a test can kill a run midway.

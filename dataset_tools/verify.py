@@ -23,8 +23,8 @@ from typing import Optional
 
 import numpy as np
 
-from dataset_tools import manifest as mf
-from dataset_tools.store import StoreError, open_store
+from dataset_tools.stores import manifest as mf
+from dataset_tools.stores.layout import StoreError, open_store
 
 
 class VerifyError(Exception):
@@ -101,7 +101,7 @@ def _tar_samples(tar_path: Path):
 
 
 def _check_index(tar_path: Path, idx_path: Path, problems: list[str]) -> None:
-    from dataset_tools.writers import make_index
+    from dataset_tools.stores.writers import make_index
 
     if not idx_path.is_file():
         problems.append(f"{idx_path}: DALI index missing")

@@ -16,14 +16,14 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from dataset_tools.store import Store, open_store
+from dataset_tools.stores.layout import Store, open_store
 from pipelines.batch import Batch
 from pipelines.views import ViewConfig, epoch_view_ids, view_params
 
 BACKENDS = {
-    "reference": "pipelines.reference:ReferenceLoader",
-    "ffcv": "pipelines.ffcv_backend:FFCVLoader",
-    "dali": "pipelines.dali_backend:DALILoader",
+    "reference": "pipelines.reference.loader:ReferenceLoader",
+    "ffcv": "pipelines.ffcv.loader:FFCVLoader",
+    "dali": "pipelines.dali.loader:DALILoader",
 }
 
 

@@ -7,11 +7,6 @@ from pathlib import Path
 import pytest
 
 from dataset_tools.locate import shared_datasets_dir
-from pipelines.dali_import import import_dali
-
-# DALI is imported once, up front, with collection paused (CPython 3.11 < 3.11.8
-# can fail a DALI import that happens later, mid-session: see dali_import.py).
-import_dali()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from dataset_tools.convert import main as convert_main
-from dataset_tools.store import open_store
+from dataset_tools.stores.layout import open_store
 from pipelines.loader import BACKENDS, LoaderConfig
 
 BATCH_FIELDS = ("student", "teacher", "labels", "indices", "boxes", "flips", "view_ids")

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from trainer.config import ConfigError, load_config
+from trainer.yaml_config import ConfigError, load_config
 
 JOBS = ("teacher", "calibrate", "cache", "distill", "evaluate")
 
@@ -38,7 +38,8 @@ def main(argv=None) -> int:
         return 2
     try:
         if args.job == "evaluate" and args.corruptions:
-            from trainer.corruptions import format_table, parse_selection
+            from trainer.evaluation.corruption_ops import parse_selection
+            from trainer.evaluation.corruptions import format_table
             types, sevs = parse_selection(args.corruption_types, args.severities)
             result = jobs.run_evaluate_corruptions(cfg, args.checkpoint, sevs, types,
                                                    limit=args.corruption_limit)

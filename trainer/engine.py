@@ -27,10 +27,11 @@ from tqdm import tqdm
 
 from pipelines.loader import LoaderConfig, create_loader
 from pipelines.mixing import Mixer
-from trainer.calibration import CalibrationMeter
+from trainer.evaluation.calibration import CalibrationMeter
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap, weights_hash
-from trainer.logit_cache import CacheKey, LogitCache
-from trainer.losses import DistillLoss, teacher_probs
+from trainer.distill.logit_cache import CacheKey, LogitCache
+from trainer.distill.kd import teacher_probs
+from trainer.distill.loss import DistillLoss
 from trainer.models import create_model
 from trainer.recipe import Config
 

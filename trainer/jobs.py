@@ -1,7 +1,6 @@
 """The five jobs of the CLI: teacher, calibrate, cache, distill, evaluate."""
 from __future__ import annotations
 
-import json
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -9,20 +8,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dataset_tools.store import open_store
+from dataset_tools.stores.layout import open_store
 from pipelines.loader import LoaderConfig, create_loader
-from trainer.calibration import calibration_metrics, reliability_diagram
-from trainer.checkpoint import atomic_write_bytes, load_checkpoint
+from trainer.evaluation.calibration import calibration_metrics, reliability_diagram
+from dataset_tools.atomic import write_json_atomic as write_json
+from trainer.checkpoint import load_checkpoint
 from trainer.engine import (Trainer, amp_dtype, cache_key, collect_logits, evaluate_model, load_teacher,
                             setup_distributed)
-from trainer.logit_cache import LogitCache, fill_cache
+from trainer.distill.logit_cache import LogitCache, fill_cache
 from trainer.models import create_model
 from trainer.recipe import Config
-from trainer.temperature import fit_temperature
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_bytes(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+from trainer.evaluation.temperature import fit_temperature
 
 
 def _autocast_for(cfg: Config, device):
@@ -165,10 +161,10 @@ def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
 def run_evaluate_corruptions(cfg: Config, checkpoint: str = "", severities=None, types=None,
                              limit: int = 0) -> dict:
     """Accuracy, ECE and NLL of a checkpoint on the val split under the 15
-    CIFAR-C corruptions x 5 severities (see trainer/corruptions.py for the
+    CIFAR-C corruptions x 5 severities (see trainer/evaluation/corruptions.py for the
     pipeline); ``limit > 0``: a class-balanced subset of that many images.
     Writes ``<checkpoint stem>_corruptions.json`` beside the checkpoint."""
-    from trainer import corruptions as C
+    from trainer.evaluation import corruptions as C
 
     types = list(types or C.CORRUPTIONS)
     severities = [int(s) for s in (severities or C.SEVERITIES)]

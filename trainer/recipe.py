@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.mixing import MixConfig
-from trainer.losses import LossConfig
+from trainer.distill.loss_config import LossConfig
 
 
 @dataclass

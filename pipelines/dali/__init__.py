@@ -1,0 +1,1 @@
+"""The DALI backend: the webdataset feed, the pipeline graph and the CPU scaled-JPEG operator."""

@@ -1,0 +1,1 @@
+"""The FFCV backend: the view-contract crop decoder, its producer thread and the compiled-loader pool."""

@@ -1,0 +1,1 @@
+"""Evaluation: calibration metrics, temperature scaling and the corruption benchmark."""
