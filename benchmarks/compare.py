@@ -1,4 +1,4 @@
-"""``python -m benchmarks compare BASE.json NEW.json [--threshold 5%]``.
+"""``python -m benchmarks compare BASE.json NEW.json [--threshold 5%] [--allow-missing]``.
 
 Prints one row per figure (base, new, change) and exits 1 when a *gated*
 figure got worse by more than the threshold in its bad direction (down for
@@ -13,7 +13,10 @@ and memory). Which figures gate (see :mod:`benchmarks.suite` for scopes):
 * nothing in a suite gates when the two runs used different settings
   (``--quick`` vs full, a different thread count): they measured different things.
 
-Figures present in only one file are listed (missing/new), never an error.
+A suite or figure of BASE that vanished from NEW fails the gate too (exit 1,
+each one named): a suite that crashed or a figure no longer measured must not
+pass silently. ``--allow-missing`` lists them but lets them pass. Figures and
+suites new in NEW are listed, never an error.
 A regression whose repeats spread wider than the threshold is still one, but
 is flagged "noisy": on a shared or busy machine rerun before believing it.
 """
@@ -25,13 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from dataset_tools.errors import CqkdError
+
 RULE = ("gating rule: ratio ('relative') and calibration/accuracy ('quality') figures gate on "
         "any machines; absolute figures (images/s, ms, MiB) gate only when both files come from "
         "the same machine (CPU model + cores + GPU); no figure of a suite gates when its run "
         "settings differ (--quick, --threads)")
 
 
-class CompareError(ValueError):
+class CompareError(CqkdError, ValueError):
     pass
 
 
@@ -159,7 +164,7 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def main(base_path, new_path, threshold_text: str = "5%") -> int:
+def main(base_path, new_path, threshold_text: str = "5%", allow_missing: bool = False) -> int:
     threshold = parse_threshold(threshold_text)
     base, new = load_results(base_path), load_results(new_path)
     rows, info = compare(base, new, threshold)
@@ -170,13 +175,24 @@ def main(base_path, new_path, threshold_text: str = "5%") -> int:
           f"(BASE {machine_key(base)}, NEW {machine_key(new)}); same settings: "
           f"{'yes' if info['same_settings'] else 'no'} (quick, threads: BASE {settings_key(base)}, "
           f"NEW {settings_key(new)})")
-    missing = [r.figure for r in rows if r.status.startswith(("missing", "suite missing"))]
-    if missing:
-        print(f"missing in one file: {', '.join(missing)}")
+    vanished = [r.figure for r in rows
+                if r.status == "missing in NEW" or r.status.startswith("suite missing in NEW")]
+    only_new = [r.figure for r in rows if r.status.startswith("suite missing in BASE")]
+    if only_new:
+        print(f"suites only in NEW (not gated): {', '.join(only_new)}")
+    failed = False
+    if vanished:
+        if allow_missing:
+            print(f"missing in NEW (allowed by --allow-missing): {', '.join(vanished)}")
+        else:
+            print(f"MISSING in NEW (in BASE, vanished; pass --allow-missing to accept): "
+                  f"{', '.join(vanished)}")
+            failed = True
     bad = [r for r in rows if r.regressed]
     if bad:
         print("REGRESSED beyond the threshold: " + ", ".join(
             f"{r.figure} ({100 * r.change:+.1f}%)" for r in bad))
-        return 1
-    print("no gated figure regressed beyond the threshold")
-    return 0
+        failed = True
+    elif not failed:
+        print("no gated figure regressed beyond the threshold")
+    return 1 if failed else 0

@@ -1,11 +1,18 @@
 """The main job, end to end: ``make demo`` (CPU scale) or ``--full`` (GPU scale).
 
-convert (or reuse a verified store) -> teacher at full resolution -> calibrate
--> teacher-logit cache -> students at reduced resolution (KD, KD + CutMix,
-KD + mixup, and the supervised low-resolution baseline) -> evaluate -> one
-table (top-1, ECE, NLL, Brier, images/sec of the student loop and of the
-loader, wall time per stage) and ``runs/<name>/report.md`` with reliability
-diagrams and a throughput plot.
+convert (train with a held-out validation split, and test; or reuse verified
+stores) -> teacher at full resolution -> calibrate on val -> teacher cache
+(logits + embeddings) -> the temperature sweep on val -> students at reduced
+resolution, each over ``--seeds`` seeds: the supervised low-resolution
+baseline, plain KD (Hinton, T = 4) and the recommended recipe (what the
+sweep chose) -> evaluate on test -> one table (mean and spread over seeds of
+top-1, ECE, NLL, Brier; images/sec) with the headline verdict, and
+``runs/<name>/report.md`` with the overlaid reliability curves, the sweep
+plot and a throughput plot.
+
+Splits: everything fitted or chosen (temperature scaling, the sweep's
+choice) sees the validation split; the test split is read only by the
+evaluation rows of the table.
 
 Stages whose outputs exist are reused (``--fresh`` redoes everything), so an
 interrupted demo continues where it stopped.
@@ -31,12 +38,12 @@ from trainer.recipe import Config
 REPO = Path(__file__).resolve().parent.parent
 
 # Students of the demo: (tag, overrides on top of the recipe). The recipe's
-# loss section is the KD setting; these vary targets and mixing only.
+# loss section is plain KD (Hinton, T = 4); "recommended" lets the sweep
+# choose the temperature, the objective and the calibrated teacher on val.
 STUDENTS = [
     ("supervised_lowres", dict(distill=dict(targets="none"), loss=dict(kd=0.0, ce=1.0))),
-    ("kd", dict()),
-    ("kd_mixup", dict(mix=dict(p_mixup=1.0))),
-    ("kd_cutmix", dict(mix=dict(p_cutmix=1.0))),
+    ("kd", dict(loss=dict(temperature=4.0, kd_objective="hinton"), distill=dict(calibrated_teacher=False))),
+    ("recommended", dict(loss=dict(temperature="auto"))),
 ]
 
 
@@ -56,22 +63,53 @@ def link_subset(src: Path, dst: Path, classes: int, per_class: int) -> Path:
     return dst
 
 
-def ensure_store(src: Path, out: Path, split: str, student_res: int, workers: int) -> dict:
-    """Reuse ``out`` if it verifies, else convert ``src`` into it."""
+def ensure_store(src: Path, out: Path, split: str, student_res: int, workers: int,
+                 val_fraction: float = 0.0) -> dict:
+    """Reuse ``out`` if it verifies, else convert ``src`` into it; with
+    ``val_fraction > 0`` the conversion also holds out that share of each
+    class as the validation store beside it (``convert --val-fraction``), and
+    both must verify with that fraction to be reused.
+
+    ``verify_store`` returns summary lines when the store agrees with its
+    manifest and raises ``VerifyError`` (damaged) or ``StoreError`` (missing,
+    incomplete); either way, and for a store made from another source, the
+    split is converted again and the reason is printed in one line."""
     from dataset_tools.convert import main as convert_main
-    from dataset_tools.verify import verify_store
+    from dataset_tools.verify import VerifyError, verify_store
 
     t0 = time.perf_counter()
+    why = None
     try:
         made_from = open_store(out).manifest["source"]["path"]
-        # a store of another subset is not reused; a damaged one neither
-        problems = verify_store(out) if Path(made_from) == Path(src) else ["other source"]
-    except StoreError:
-        problems = ["missing"]
-    reused = not problems
-    if problems:
+        holdout = open_store(out).manifest.get("holdout") or {}
+        if Path(made_from) != Path(src):  # a store of another subset is not reused
+            why = f"it was made from {made_from}, not {src}"
+        elif float(holdout.get("val_fraction", 0.0)) != val_fraction:
+            why = f"it holds out {holdout.get('val_fraction', 0.0)} of train, not {val_fraction}"
+        else:
+            verify_store(out)
+            if val_fraction > 0:
+                verify_store(out.with_name("val"))
+    except StoreError as e:
+        why = str(e).splitlines()[0]
+    except VerifyError as e:
+        why = f"it is damaged ({len(e.problems)} problem(s), first: {e.problems[0]})"
+    except (KeyError, TypeError, ValueError, OSError) as e:  # a malformed manifest
+        why = f"its manifest is malformed ({type(e).__name__}: {e})"
+    reused = why is None
+    if not reused:
+        print(f"store {out}: converting again: {why}", flush=True)
+        if out.is_dir() and not (out / "manifest.json").is_file():
+            # an incomplete store (no manifest): convert refuses to replace a
+            # directory that is not a store, so clear ours, only if it holds
+            # nothing but this split's store files
+            ours = {f"{split}.beton", f"{split}_lowres.beton", f"{split}_wds"}
+            if all(p.name in ours for p in out.iterdir()):
+                shutil.rmtree(out)
         args = [str(src), str(out), "--split-name", split, "--write-mode", "raw",
                 "--workers", str(workers), "--student-resolution", str(student_res)]
+        if val_fraction > 0:
+            args += ["--val-fraction", str(val_fraction)]
         if convert_main(args) != 0:
             raise SystemExit(f"conversion of {src} failed")
     return {"seconds": time.perf_counter() - t0, "reused": reused}
@@ -96,10 +134,10 @@ def loader_images_per_sec(cfg: Config) -> float:
     import torch
 
     from pipelines.loader import create_loader
-    from trainer.engine import loader_config
+    from trainer.data import loader_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    with create_loader(loader_config(cfg, "student", True, device)) as loader:
+    with create_loader(loader_config(cfg, "train", device, role="student")) as loader:
         loader.set_epoch(0)
         it = iter(loader)
         next(it)  # warm-up: workers start, first batch
@@ -112,7 +150,7 @@ def loader_images_per_sec(cfg: Config) -> float:
 
 
 def prepare(cfg: Config, args, times: dict) -> dict:
-    """Stores, teacher, temperature and logit cache (each reused if present)."""
+    """Stores, teacher, temperature and teacher cache (each reused if present)."""
     from trainer import jobs
 
     root = cfg.run.root
@@ -128,7 +166,7 @@ def prepare(cfg: Config, args, times: dict) -> dict:
             name = f"src_{split}_{args.classes}classes" + (f"_{per}each" if split == "train" else "")
             src = link_subset(src, stores / name, args.classes, per or 10**9)
         info = timed(f"convert {split}", times, ensure_store, src, stores / split, split,
-                     cfg.data.student_size, args.workers)
+                     cfg.data.student_size, args.workers, args.val_fraction if split == "train" else 0.0)
         print(f"store {split}: {'reused (verified)' if info['reused'] else 'converted'}")
     if cfg.teacher_checkpoint.is_file() and load_checkpoint(cfg.teacher_checkpoint)["data_fingerprint"] \
             != open_store(cfg.data.train_store).fingerprint:
@@ -137,9 +175,9 @@ def prepare(cfg: Config, args, times: dict) -> dict:
         root.mkdir(parents=True)
     if not cfg.teacher_checkpoint.is_file():
         timed("teacher", times, jobs.run_teacher, cfg)
-    if not cfg.temperature_file.is_file():
+    if not cfg.temperature_file.is_file() or json.loads(cfg.temperature_file.read_text()).get("split") != "val":
         timed("calibrate", times, jobs.run_calibrate, cfg)
-    if not cfg.cache_path.is_file():
+    if not cfg.cache_path.is_file() or not cfg.cache_path.with_suffix(".json").is_file():
         timed("cache", times, jobs.run_cache, cfg)
     return json.loads(cfg.temperature_file.read_text())
 
@@ -163,24 +201,70 @@ def median_train_rate(run_dir: Path) -> float:
     return statistics.median(r["train_images_per_sec"] for r in log)
 
 
+METRICS = ("top1", "ece", "nll", "brier", "train_images_per_sec", "eval_images_per_sec")
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Mean, sample standard deviation and the per-seed values of each metric."""
+    out = {"seeds": len(runs), "per_seed": runs}
+    for m in METRICS:
+        vals = [r[m] for r in runs]
+        out[m] = statistics.fmean(vals)
+        out[f"{m}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    out["reliability_diagram"] = runs[0]["reliability_diagram"]
+    out["logits_file"] = runs[0].get("logits_file")
+    return out
+
+
+def verdict(results: dict) -> dict:
+    """The demo's headline: does the recommended student beat the supervised
+    low-resolution one on top-1, and match or beat it on ECE, and is its ECE
+    at most half of plain KD's (means over seeds, on the test split)?"""
+    rec, sup, kd = results["recommended"], results["supervised_lowres"], results["kd"]
+    d_top1 = rec["top1"] - sup["top1"]
+    checks = {"top1_at_least_1pt_above_supervised": d_top1 >= 0.01,
+              "ece_not_above_supervised": rec["ece"] <= sup["ece"],
+              "ece_at_most_half_of_kd": rec["ece"] <= 0.5 * kd["ece"]}
+    return {"top1_gain_over_supervised": d_top1, "ece_recommended": rec["ece"],
+            "ece_supervised": sup["ece"], "ece_kd": kd["ece"], **checks, "all": all(checks.values())}
+
+
 def run(cfg: Config, args) -> dict:
     from benchmarks.common import machine_info
     from benchmarks.report import write_report
     from trainer import jobs
+    from trainer.sweep import run_sweep
 
     times: dict[str, float] = {}
+    t_start = time.perf_counter()
     calib = prepare(cfg, args, times)
-    results = {"teacher": timed("evaluate teacher", times, jobs.run_evaluate, cfg,
-                                str(cfg.teacher_checkpoint))}
+    sweep = timed("sweep", times, run_sweep, cfg)
+    c = sweep["choice"]
+    print(f"sweep chose T={c['temperature']:g}, {c['objective']}, calibrated teacher "
+          f"{'on' if c['calibrated'] else 'off'} (val top-1 {c['val_top1']:.3f}, val ECE {c['val_ece']:.3f})")
+    results = {"teacher": timed("evaluate teacher", times, jobs.run_evaluate, cfg, str(cfg.teacher_checkpoint))}
     results["teacher"]["train_images_per_sec"] = median_train_rate(cfg.teacher_dir)
+    results["teacher"] = aggregate([results["teacher"]])
     for tag, overrides in STUDENTS:
-        results[tag] = train_student(cfg, tag, overrides, times)
+        runs = []
+        for seed in range(args.seeds):
+            scfg = replace(cfg, run=replace(cfg.run, seed=seed))
+            runs.append(train_student(scfg, f"{tag}_s{seed}", overrides, times))
+        results[tag] = aggregate(runs)
     t0 = time.perf_counter()
     loader_rate = loader_images_per_sec(cfg)
     times["loader benchmark"] = time.perf_counter() - t0
-    summary = {"config": args.config, "calibration": calib, "results": results,
+    t0 = time.perf_counter()
+    plain = plain_loop_rates(cfg)
+    times["plain-loop benchmark"] = time.perf_counter() - t0
+    for name, r in results.items():
+        r["loop_efficiency"] = r["train_images_per_sec"] / plain["teacher" if name == "teacher" else "student"]
+    summary = {"plain_loop_images_per_sec": plain, "config": args.config, "calibration": calib, "sweep": sweep, "results": results,
+               "verdict": verdict(results), "seeds": args.seeds,
                "loader_images_per_sec": loader_rate, "stage_seconds": times,
-               "machine": machine_info()}
+               "wall_seconds": time.perf_counter() - t_start, "machine": machine_info(),
+               "splits": {"train": cfg.data.train_store, "val": cfg.data.val_store,
+                          "test": cfg.data.test_store, "val_fraction": args.val_fraction}}
     (cfg.run.root / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     report = write_report(cfg.run.root, summary)
     print_table(summary)
@@ -188,21 +272,59 @@ def run(cfg: Config, args) -> dict:
     return summary
 
 
+def plain_loop_rates(cfg: Config) -> dict:
+    """The plain PyTorch loop (benchmarks.loop_efficiency) for the teacher's
+    and the students' model, batch size, resolution and memory format."""
+    import torch
+
+    from benchmarks.loop_efficiency import plain_loop_images_per_sec
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    classes = open_store(cfg.data.train_store).num_classes
+    d, m = cfg.data, cfg.model
+    return {role: plain_loop_images_per_sec(arch, classes, d.batch_size, res, low_res_stem=stem,
+                                            channels_last=d.channels_last, device=device)
+            for role, arch, res, stem in (("teacher", m.teacher, d.teacher_resolution, m.teacher_low_res_stem),
+                                          ("student", m.student, d.student_size, m.student_low_res_stem))}
+
+
+def headline(v: dict) -> str:
+    yes = lambda ok: "yes" if ok else "NO"  # noqa: E731
+    return (f"recommended vs supervised low-res: top-1 {v['top1_gain_over_supervised'] * 100:+.1f} pt "
+            f"(>= +1 pt: {yes(v['top1_at_least_1pt_above_supervised'])}); ECE {v['ece_recommended']:.3f} vs "
+            f"{v['ece_supervised']:.3f} (not above: {yes(v['ece_not_above_supervised'])}); vs plain KD "
+            f"{v['ece_kd']:.3f} (at most half: {yes(v['ece_at_most_half_of_kd'])})")
+
+
 def print_table(summary: dict) -> None:
-    rows = [("model", "top-1", "ECE", "NLL", "Brier", "train img/s", "eval img/s")]
+    n = summary["seeds"]
+    rows = [("model", "seeds", "top-1", "ECE", "NLL", "Brier", "train img/s", "loop eff.", "eval img/s")]
     for name, r in summary["results"].items():
-        rows.append((name, f"{r['top1']:.3f}", f"{r['ece']:.3f}", f"{r['nll']:.3f}", f"{r['brier']:.3f}",
-                     f"{r.get('train_images_per_sec', float('nan')):.0f}", f"{r['eval_images_per_sec']:.0f}"))
+        rows.append((name, str(r["seeds"]), f"{r['top1']:.3f} ±{r['top1_std']:.3f}",
+                     f"{r['ece']:.3f} ±{r['ece_std']:.3f}", f"{r['nll']:.3f}", f"{r['brier']:.3f}",
+                     f"{r['train_images_per_sec']:.0f}", f"{r['loop_efficiency']:.2f}",
+                     f"{r['eval_images_per_sec']:.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"\ntest split; students: mean ± std over {n} seed(s)")
     for i, r in enumerate(rows):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
-    c = summary["calibration"]
-    print(f"\nteacher temperature T={c['temperature']:.2f}: ECE {c['ece_before']:.3f} -> "
-          f"{c['ece_after_crossfit']:.3f} (cross-fitted on the test split)")
-    print(f"student loader alone: {summary['loader_images_per_sec']:.0f} images/sec")
+    c, sw = summary["calibration"], summary["sweep"]
+    print(f"\nteacher temperature T={c['temperature']:.2f} fitted on the validation split: ECE "
+          f"{c['ece_before']:.3f} -> {c['ece_after_crossfit']:.3f} (2-fold cross-fitted on val)")
+    ch = sw["choice"]
+    cost = sw["cost"]
+    online = cost.get("online_teacher_seconds_estimate")
+    print(f"sweep ({len(sw['runs'])} students on val): T={ch['temperature']:g}, {ch['objective']}, calibrated "
+          f"teacher {'on' if ch['calibrated'] else 'off'}; cost {cost['seconds']:.0f} s from the cache"
+          + (f" vs ~{online:.0f} s with the online teacher" if online else ""))
+    print("HEADLINE: " + headline(summary["verdict"]))
+    pl = summary["plain_loop_images_per_sec"]
+    print(f"student loader alone: {summary['loader_images_per_sec']:.0f} images/sec; plain PyTorch loop "
+          f"(loop eff. = train img/s / this): teacher {pl['teacher']:.0f}, student {pl['student']:.0f} img/s")
     print("wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items()))
+    print(f"wall time: {summary['wall_seconds']:.0f} s")
 
 
 def main(argv=None) -> int:
@@ -213,6 +335,9 @@ def main(argv=None) -> int:
     p.add_argument("--classes", type=int, default=None, help="CIFAR-100 classes to use")
     p.add_argument("--per-class", type=int, default=None, help="train images per class")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=3, help="student seeds per recipe (mean and spread)")
+    p.add_argument("--val-fraction", type=float, default=None, help="share of each training class "
+                   "held out as the validation split (default 0.2, 0.1 with --full)")
     p.add_argument("--fresh", action="store_true", help="redo every stage")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. optim.epochs=5")
     args = p.parse_intermixed_args(argv)
@@ -220,6 +345,8 @@ def main(argv=None) -> int:
         args.config = str(REPO / "configs" / ("cifar100.yaml" if args.full else "demo_cpu.yaml"))
     if args.classes is None:
         args.classes = 100 if args.full else 20
+    if args.val_fraction is None:
+        args.val_fraction = 0.1 if args.full else 0.2
     if args.per_class is None:
         args.per_class = 0 if args.full else 100
     cfg = load_config(Config, args.config, args.overrides)

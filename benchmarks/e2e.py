@@ -81,9 +81,11 @@ def convert_subsets(s: E2ESettings, data: Path, root: Path) -> dict:
             raise SystemExit(f"{src}: CIFAR-100 split not found; set CQKD_DATA or pass --data")
         link_subset(src, root / f"src_{split}", s.classes, per_class)
         opts = ConvertOptions(write_mode="raw", split_name=split, workers=s.workers,
-                              student_resolution=s.student_resolution if split == "train" else None)
+                              student_resolution=s.student_resolution if split == "train" else None,
+                              val_fraction=0.2 if split == "train" else 0.0)  # val: held out from train
         convert(root / f"src_{split}", root / split, opts, progress=False)
         stores[split] = root / split
+    stores["val"] = root / "val"
     return stores
 
 
@@ -93,8 +95,8 @@ def make_config(s: E2ESettings, stores: dict, out_dir: Path):
 
     cfg = load_config(Config, RECIPE, [])
     cfg.run = replace(cfg.run, name="e2e", out_dir=str(out_dir), seed=s.seed, progress=False)
-    cfg.data = replace(cfg.data, train_store=str(stores["train"]), val_store=str(stores["test"]),
-                       backend=s.backend, batch_size=s.batch_size, num_workers=s.workers,
+    cfg.data = replace(cfg.data, train_store=str(stores["train"]), val_store=str(stores["val"]),
+                       test_store=str(stores["test"]), backend=s.backend, batch_size=s.batch_size, num_workers=s.workers,
                        teacher_resolution=s.teacher_resolution,
                        student_resolution=s.student_resolution, student_factor=0.0,
                        num_views=s.num_views)

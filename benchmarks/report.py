@@ -1,5 +1,7 @@
-"""``runs/<name>/report.md``: the demo's table, reliability diagrams and a
-throughput plot (matplotlib, written atomically)."""
+"""``runs/<name>/report.md``: the demo's headline and table, the reliability
+curves of teacher and students overlaid in one figure, the sweep's plot, a
+throughput plot and the per-model reliability diagrams (matplotlib, written
+atomically)."""
 from __future__ import annotations
 
 import io
@@ -12,6 +14,15 @@ matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (after choosing the backend)
 
 from dataset_tools.atomic import atomic_write_bytes  # noqa: E402
+
+BINS = 15
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
+    return path
 
 
 def throughput_plot(summary: dict, path: Path) -> Path:
@@ -32,32 +43,91 @@ def throughput_plot(summary: dict, path: Path) -> Path:
     for n, a, b in zip(names, train, eces):
         ax2.annotate(n, (a, b), fontsize=7)
     ax2.set_xlabel("training images / sec")
-    ax2.set_ylabel("ECE (lower is better)")
+    ax2.set_ylabel("test ECE (lower is better)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
-    return path
+    return _save(fig, path)
+
+
+def reliability_overlay(summary: dict, path: Path) -> Path:
+    """Accuracy against confidence (equal-width bins) of every model's saved
+    test logits (the first seed of each student), one curve each."""
+    import torch
+
+    fig = Figure(figsize=(5.5, 5), dpi=110)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    for name, r in summary["results"].items():
+        if not r.get("logits_file") or not Path(r["logits_file"]).is_file():
+            continue
+        saved = torch.load(r["logits_file"], weights_only=True)
+        conf, pred = saved["logits"].float().softmax(1).max(1)
+        hit = (pred == saved["labels"]).float()
+        bins = (conf * BINS).long().clamp(max=BINS - 1)
+        count = torch.bincount(bins, minlength=BINS).float()
+        acc = torch.bincount(bins, hit, minlength=BINS) / count.clamp(min=1)
+        mconf = torch.bincount(bins, conf, minlength=BINS) / count.clamp(min=1)
+        keep = count > 0
+        ax.plot(mconf[keep].numpy(), acc[keep].numpy(), "o-", ms=3,
+                label=f"{name} (ECE {r['ece']:.3f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+           title="reliability on the test split")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _cell(r: dict, key: str) -> str:
+    return f"{r[key]:.3f} ± {r[f'{key}_std']:.3f}" if r.get("seeds", 1) > 1 else f"{r[key]:.3f}"
 
 
 def write_report(root: Path, summary: dict) -> Path:
+    from benchmarks.demo import headline
+
     root = Path(root)
     plot = throughput_plot(summary, root / "throughput.png")
-    m, c = summary["machine"], summary["calibration"]
+    overlay = reliability_overlay(summary, root / "reliability_overlay.png")
+    m, c, sw = summary["machine"], summary["calibration"], summary["sweep"]
+    ch, cost = sw["choice"], sw["cost"]
     lines = [f"# CQKD demo report: `{root.name}`", "",
              f"Machine: {m.get('cpu')}, {m.get('logical_cores')} logical cores, GPU: {m.get('gpu') or 'none'}; "
-             f"commit {m.get('git_commit')}. Recipe: `{summary['config']}`.", "",
-             "| model | top-1 | ECE | NLL | Brier | train img/s | eval img/s |",
-             "|---|---|---|---|---|---|---|"]
+             f"commit {m.get('git_commit')}. Recipe: `{summary['config']}`. Wall time "
+             f"{summary['wall_seconds']:.0f} s.", "",
+             f"**Headline** (test split, means over {summary['seeds']} seed(s)): {headline(summary['verdict'])}.",
+             "",
+             f"Splits: train `{summary['splits']['train']}`, validation `{summary['splits']['val']}` "
+             f"({summary['splits']['val_fraction']:.0%} of each training class, held out at convert time; "
+             f"everything fitted or chosen uses it), test `{summary['splits']['test']}` (this table only).", "",
+             f"The recommended student: the sweep's choice on the validation split, T = {ch['temperature']:g}, "
+             f"objective `{ch['objective']}`, calibrated teacher {'on' if ch['calibrated'] else 'off'} "
+             f"(rule: {sw['rule']}). The sweep trained {len(sw['runs'])} students from the cache in "
+             f"{cost['seconds']:.0f} s"
+             + (f"; with the online teacher the same sweep would take about "
+                f"{cost['online_teacher_seconds_estimate']:.0f} s" if cost.get('online_teacher_seconds_estimate')
+                else "") + ".", "",
+             "| model | seeds | top-1 | ECE | NLL | Brier | train img/s | loop efficiency | eval img/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, r in summary["results"].items():
-        lines.append(f"| {name} | {r['top1']:.3f} | {r['ece']:.3f} | {r['nll']:.3f} | {r['brier']:.3f} | "
-                     f"{r.get('train_images_per_sec', float('nan')):.0f} | {r['eval_images_per_sec']:.0f} |")
-    lines += ["", f"Teacher temperature scaling: T = {c['temperature']:.2f}, ECE {c['ece_before']:.3f} -> "
-              f"{c['ece_after_crossfit']:.3f} (2-fold cross-fitted on the held-out split).", "",
-              f"Student loader alone: {summary['loader_images_per_sec']:.0f} images/sec.", "",
+        lines.append(f"| {name} | {r.get('seeds', 1)} | {_cell(r, 'top1')} | {_cell(r, 'ece')} | "
+                     f"{r['nll']:.3f} | {r['brier']:.3f} | {r.get('train_images_per_sec', float('nan')):.0f} | "
+                     f"{r.get('loop_efficiency', float('nan')):.2f} | {r['eval_images_per_sec']:.0f} |")
+    lines += ["", f"Teacher temperature scaling on the validation split: T = {c['temperature']:.2f}, "
+              f"ECE {c['ece_before']:.3f} -> {c['ece_after_crossfit']:.3f} (2-fold cross-fitted).", "",
+              f"Student loader alone: {summary['loader_images_per_sec']:.0f} images/sec. Loop efficiency = "
+              f"training images/sec over a plain PyTorch loop of the same model, batch and resolution on "
+              f"random in-memory tensors (benchmarks/loop_efficiency.py): teacher "
+              f"{summary['plain_loop_images_per_sec']['teacher']:.0f}, student "
+              f"{summary['plain_loop_images_per_sec']['student']:.0f} images/sec.", "",
               "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()),
-              "", "## Throughput and calibration", "", f"![throughput]({plot.name})", "",
-              "## Reliability diagrams", ""]
+              "", "## Reliability of teacher and students", "", f"![reliability]({overlay.name})", "",
+              "## The temperature sweep (validation split)", "",
+              f"![sweep]({os.path.relpath(sw['plot'], root)})", "",
+              "| objective | calibrated teacher | T | val top-1 | val ECE |", "|---|---|---|---|---|"]
+    for r in sw["runs"]:
+        star = " **(chosen)**" if r["tag"] == ch["tag"] else ""
+        lines.append(f"| {r['objective']}{star} | {r['calibrated']} | {r['temperature']:g} | "
+                     f"{r['val_top1']:.3f} | {r['val_ece']:.3f} |")
+    lines += ["", "## Throughput and calibration", "", f"![throughput]({plot.name})", "",
+              "## Reliability diagrams (first seed)", ""]
     for name, r in summary["results"].items():
         png = Path(r["reliability_diagram"])
         lines.append(f"**{name}** (ECE {r['ece']:.3f})  ")

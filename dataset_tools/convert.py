@@ -1,6 +1,7 @@
 """Convert an image dataset into the stores the loaders read (see store.py).
 
     python dataset_tools/convert.py SRC OUT_DIR [options]   # convert one split
+    python dataset_tools/convert.py SRC OUT_DIR --val-fraction F [--val-seed S] [--val-out VAL_DIR]
     python dataset_tools/convert.py verify OUT_DIR          # re-check a converted split
 
 SRC is an ImageFolder, a tar of one, a CIFAR pickle folder/file or an HDF5
@@ -10,6 +11,20 @@ results in sample order to the FFCV ``.beton`` files and the webdataset
 shards, so outputs are byte-identical whatever the worker count. Everything
 is written to a staging directory beside OUT_DIR and swapped in at the end.
 (To convert a folder literally named ``verify``, write ``./verify``.)
+
+With ``--val-fraction F`` (0 < F < 1) the source is split class by class
+(``dataset_tools/split.py``: ``round(F * n_c)`` images of each class, at
+least 1 for a class of 2 or more, never all, chosen by a permutation seeded
+from ``--val-seed`` and the class index): OUT_DIR gets the train part and
+VAL_DIR the held-out val part (default: a sibling ``val`` when OUT_DIR is
+named ``train``, else ``OUT_DIR-val``), both in one pass over the source,
+with the same options and the same class list, each staged and swapped in
+on its own (each is complete or absent). The val part's split name (file
+names) is ``val`` when the train part's is ``train``, else ``NAME-val``.
+Each part's manifest records the split under ``holdout`` (schema in
+``dataset_tools/stores/layout.py``); a store converted whole has no
+``holdout`` key and is byte-identical to one converted before the option
+existed.
 """
 from __future__ import annotations
 
@@ -34,10 +49,12 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 
+import numpy as np
 from tqdm import tqdm
 
 from dataset_tools.stores import manifest as mf
 from dataset_tools.atomic import Staging, write_text_atomic
+from dataset_tools.errors import CqkdError, debug_enabled
 from dataset_tools.stores.layout import MANIFEST_NAME
 
 FORMATS = ("ffcv", "dali")
@@ -63,11 +80,16 @@ class ConvertOptions:
     cifar_split: str = "train"
     on_error: str = "fail"
     workers: int = 1
+    val_fraction: float = 0.0      # > 0: hold out this share of each class (see module doc)
+    val_seed: int = 0
+    val_out: Optional[str] = None  # VAL_DIR; None: default_val_dir(OUT_DIR)
 
     def manifest_options(self) -> dict:
-        """Options that shape the output (not ``workers``: outputs do not depend on it)."""
+        """Options that shape the output (not ``workers``: outputs do not depend on it;
+        not the ``val_*`` ones: a split store records them under ``holdout``, so a
+        store converted whole keeps the manifest it always had)."""
         d = asdict(self)
-        for k in ("workers", "split_name"):
+        for k in ("workers", "split_name", "val_fraction", "val_seed", "val_out"):
             d.pop(k)
         d["formats"] = list(self.formats)
         return d
@@ -78,13 +100,14 @@ class ConvertResult:
     out_dir: Path
     manifest: dict
     seconds: float
+    val: Optional["ConvertResult"] = None  # the held-out part, with --val-fraction
 
     @property
     def images_per_sec(self) -> float:
         return self.manifest["num_samples"] / max(self.seconds, 1e-9)
 
 
-class ConvertError(Exception):
+class ConvertError(CqkdError):
     """A conversion that must stop; the message names the file and the fix."""
 
 
@@ -94,6 +117,48 @@ def default_split_name(src: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def default_val_dir(out_dir: os.PathLike | str) -> Path:
+    """VAL_DIR when --val-out is not given: ``train`` -> sibling ``val``, else ``OUT_DIR-val``."""
+    out_dir = Path(out_dir)
+    if out_dir.name in ("", ".", ".."):
+        out_dir = Path(os.path.abspath(out_dir))
+    return out_dir.with_name("val" if out_dir.name == "train" else f"{out_dir.name}-val")
+
+
+def val_split_name(split: str) -> str:
+    """The val part's split name (its file names): ``train`` -> ``val``, else ``NAME-val``."""
+    return "val" if split == "train" else f"{split}-val"
+
+
+def _check_val_options(opts: ConvertOptions, out_dir: Path) -> Optional[Path]:
+    """-> VAL_DIR, or None when nothing is held out."""
+    f = opts.val_fraction
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not (0 <= f < 1):
+        raise ConvertError(f"--val-fraction {f!r}: must be in [0, 1), the share of each "
+                           f"class's images to hold out (e.g. 0.1); use 0 or leave it out "
+                           f"to convert the whole source")
+    if isinstance(opts.val_seed, bool) or not isinstance(opts.val_seed, int) \
+            or opts.val_seed < 0:
+        raise ConvertError(f"--val-seed {opts.val_seed!r}: must be an integer >= 0")
+    if f == 0:
+        if opts.val_out is not None:
+            raise ConvertError(f"--val-out {opts.val_out} needs --val-fraction F (0 < F < 1): "
+                               f"without it nothing is held out; add --val-fraction or drop "
+                               f"--val-out")
+        return None
+    val_dir = Path(opts.val_out) if opts.val_out is not None else default_val_dir(out_dir)
+    v, o = val_dir.resolve(), out_dir.resolve()
+    if v == o:
+        raise ConvertError(f"--val-out {val_dir}: the same folder as OUT_DIR {out_dir}, but the "
+                           f"val part needs its own folder; give another --val-out (or leave it "
+                           f"out for the default {default_val_dir(out_dir)})")
+    if o in v.parents or v in o.parents:
+        raise ConvertError(f"--val-out {val_dir}: inside OUT_DIR {out_dir} (or containing it), "
+                           f"so replacing one would delete the other; choose a folder beside "
+                           f"OUT_DIR (default {default_val_dir(out_dir)})")
+    return val_dir
 
 
 def _check_options(opts: ConvertOptions, split: str) -> None:
@@ -233,19 +298,46 @@ def _check_paths(src: Path, out_dir: Path) -> None:
                            f"so it will not be replaced; choose another OUT_DIR or delete it")
 
 
+@dataclass
+class _Part:
+    """One output store of a conversion: the whole source, or its train / val part."""
+
+    role: str                 # "whole" | "train" | "val"
+    out_dir: Path
+    split: str
+    capacity: int             # source items assigned to this part
+    staging: Optional[Staging] = None
+    outputs: Optional[_Outputs] = None
+    stats: Optional[mf.DatasetStats] = None
+    fp: Optional[mf.Fingerprint] = None
+    skipped: Optional[list] = None
+    kept: Optional[list] = None  # source positions actually stored, in order
+    stores: Optional[dict] = None
+    manifest: Optional[dict] = None
+
+
 def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOptions,
             progress: bool = True) -> ConvertResult:
     """Convert ``src`` into ``out_dir`` atomically. Raises ConvertError on bad
-    input (with on_error='fail'), leaving ``out_dir`` untouched."""
-    from dataset_tools.records import (EncodeOptions, Rejected, lowres_side, prepare_sample,
-                                       worker_init)
-    from dataset_tools.sources import BadInput, SourceError, open_source
-    from dataset_tools.stores.writers import RecordTooLarge
+    input (with on_error='fail') or bad options, leaving ``out_dir`` untouched.
 
+    With ``opts.val_fraction > 0`` the source is split (see the module doc):
+    ``out_dir`` gets the train part and the result's ``.val`` describes the
+    val part written to ``opts.val_out`` (default :func:`default_val_dir`)."""
+    given_src = str(src)
     src, out_dir = Path(src), Path(out_dir)
     split = opts.split_name or default_split_name(src)
     _check_options(opts, split)
+    val_dir = _check_val_options(opts, out_dir)
     _check_paths(src, out_dir)
+    if val_dir is not None:
+        _check_paths(src, val_dir)
+    # after the checks: a bad option is reported without waiting for FFCV's import
+    from dataset_tools.records import (EncodeOptions, Rejected, lowres_side, prepare_sample,
+                                       worker_init)
+    from dataset_tools.sources import BadInput, SourceError, open_source
+    from dataset_tools.split import stratified_holdout
+    from dataset_tools.stores.writers import RecordTooLarge
     try:
         low_side = (lowres_side(opts.student_resolution, opts.min_crop_scale,
                                 opts.max_aspect_ratio) if opts.student_resolution else None)
@@ -255,51 +347,93 @@ def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOpt
     except (ValueError, BadInput, SourceError) as e:
         raise ConvertError(str(e)) from e
 
+    n, workers = len(source.items), max(1, opts.workers)
+    owner = np.zeros(n, np.int64)  # index into ``parts`` of each source item
+    if val_dir is None:
+        parts = [_Part("whole", out_dir, split, n)]
+    else:
+        train_pos, val_pos = stratified_holdout([it.label for it in source.items],
+                                                opts.val_fraction, opts.val_seed)
+        if len(val_pos) == 0:
+            source.close()
+            raise ConvertError(f"--val-fraction {opts.val_fraction}: no class of {src} has 2 or "
+                               f"more images, so nothing can be held out; convert without "
+                               f"--val-fraction")
+        owner[val_pos] = 1
+        parts = [_Part("train", out_dir, split, len(train_pos)),
+                 _Part("val", val_dir, val_split_name(split), len(val_pos))]
     enc = EncodeOptions(write_mode=opts.write_mode, max_resolution=opts.max_resolution,
                         jpeg_quality=opts.jpeg_quality,
                         compress_probability=opts.compress_probability, lowres_side=low_side,
                         max_pixels=opts.max_pixels, want_ffcv="ffcv" in opts.formats,
                         want_dali="dali" in opts.formats)
-    n, workers = len(source.items), max(1, opts.workers)
     chunksize = max(1, min(16, n // (workers * 8)))  # bounds results in flight, see _parallel_map
+    desc = f"convert {split}" + (f" (+ {parts[1].split})" if len(parts) > 1 else "")
     start = time.perf_counter()
-    with source, Staging(out_dir) as staging, contextlib.ExitStack() as stack:
-        outputs = _Outputs(staging.path, split, opts, n, low_side)
-        stats, fp = mf.DatasetStats(len(source.classes)), mf.Fingerprint()
-        skipped = list(source.skipped)
+    with source, contextlib.ExitStack() as stagings:
+        for part in parts:
+            part.staging = stagings.enter_context(Staging(part.out_dir))
+            part.stats, part.fp = mf.DatasetStats(len(source.classes)), mf.Fingerprint()
+            part.skipped, part.kept = list(source.skipped), []
         try:
-            results = stack.enter_context(contextlib.closing(_parallel_map(
-                functools.partial(prepare_sample, enc), source.items, workers, chunksize,
-                initializer=worker_init)))
-            for res in tqdm(results, total=n, unit="img", desc=f"convert {split}",
-                            disable=not progress, mininterval=0.5, file=sys.stderr):
-                if isinstance(res, Rejected):
-                    if opts.on_error == "fail":
-                        raise ConvertError(f"{res.message}\n(nothing was written; fix or remove "
-                                           f"the file, or pass --on-error skip to leave it out)")
-                    skipped.append((res.file, res.reason))
-                    continue
-                outputs.add(stats.count, res)
-                stats.update(res.label, res.height, res.width, res.sums, res.sumsq)
-                fp.update(res.sha256, res.label)
-            if stats.count == 0:
-                why = "; ".join(f"{f}: {r}" for f, r in skipped[:3])
-                raise ConvertError(f"{src}: every file was bad, nothing to convert ({why})")
-            stores = outputs.close()
+            with contextlib.ExitStack() as stack:
+                for part in parts:
+                    part.outputs = _Outputs(part.staging.path, part.split, opts, part.capacity,
+                                            low_side)
+                results = stack.enter_context(contextlib.closing(_parallel_map(
+                    functools.partial(prepare_sample, enc), source.items, workers, chunksize,
+                    initializer=worker_init)))
+                for pos, res in enumerate(tqdm(results, total=n, unit="img", desc=desc,
+                                               disable=not progress, mininterval=0.5,
+                                               file=sys.stderr)):
+                    part = parts[owner[pos]]
+                    if isinstance(res, Rejected):
+                        if opts.on_error == "fail":
+                            raise ConvertError(f"{res.message}\n(nothing was written; fix or "
+                                               f"remove the file, or pass --on-error skip to "
+                                               f"leave it out)")
+                        part.skipped.append((res.file, res.reason))
+                        continue
+                    part.outputs.add(part.stats.count, res)
+                    part.stats.update(res.label, res.height, res.width, res.sums, res.sumsq)
+                    part.fp.update(res.sha256, res.label)
+                    part.kept.append(pos)
+            for part in parts:
+                if part.stats.count == 0:
+                    why = "; ".join(f"{f}: {r}" for f, r in part.skipped[:3])
+                    which = "" if part.role == "whole" else f" of the {part.role} part"
+                    raise ConvertError(f"{src}: every file{which} was bad, nothing to convert "
+                                       f"({why})")
+            for part in parts:
+                part.stores = part.outputs.close()
         except BaseException as e:
-            outputs.abort()
+            for part in parts:
+                if part.outputs is not None:
+                    part.outputs.abort()
             if isinstance(e, RecordTooLarge):
                 raise ConvertError(str(e)) from e
             raise
-        manifest = mf.build_manifest(
-            split=split,
-            source={"kind": source.kind, "path": source.path, "description": source.description},
-            classes=source.classes, stats=stats, fingerprint=fp.hexdigest(),
-            options={**opts.manifest_options(), "lowres_side": low_side},
-            stores=stores, skipped=skipped)
-        write_text_atomic(staging.path / MANIFEST_NAME, mf.dumps(manifest))  # last: complete
-        staging.commit()
-    return ConvertResult(out_dir=out_dir, manifest=manifest, seconds=time.perf_counter() - start)
+        for part in parts:
+            holdout = None if part.role == "whole" else {
+                "role": part.role, "val_fraction": opts.val_fraction, "seed": opts.val_seed,
+                "source": given_src, "source_positions": part.kept}
+            part.manifest = mf.build_manifest(
+                split=part.split,
+                source={"kind": source.kind, "path": source.path,
+                        "description": source.description},
+                classes=source.classes, stats=part.stats, fingerprint=part.fp.hexdigest(),
+                options={**opts.manifest_options(), "lowres_side": low_side},
+                stores=part.stores, skipped=part.skipped, holdout=holdout)
+            write_text_atomic(part.staging.path / MANIFEST_NAME,  # last: complete
+                              mf.dumps(part.manifest))
+        for part in parts:  # both parts are complete on disk before either is swapped in
+            part.staging.commit()
+    seconds = time.perf_counter() - start
+    results = [ConvertResult(out_dir=p.out_dir, manifest=p.manifest, seconds=seconds)
+               for p in parts]
+    if len(results) > 1:
+        results[0].val = results[1]
+    return results[0]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -334,6 +468,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="bad file: stop with no output (fail) or leave it out (skip)")
     p.add_argument("--workers", type=int, default=min(8, len(os.sched_getaffinity(0))),
                    help="decode processes (default: cores, at most 8; 1 = in-process)")
+    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                   help="hold out this share of each class (0 <= F < 1) as a validation split "
+                        "written to --val-out; OUT_DIR gets the rest (default 0: no split)")
+    p.add_argument("--val-seed", type=int, default=0, metavar="S",
+                   help="seed of the per-class choice of held-out images (0)")
+    p.add_argument("--val-out", metavar="VAL_DIR",
+                   help="where the held-out split goes (default: a sibling 'val' when OUT_DIR "
+                        "is named 'train', else OUT_DIR-val); needs --val-fraction")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -353,16 +495,34 @@ def main(argv: Optional[list[str]] = None) -> int:
         samples_per_shard=args.samples_per_shard, split_name=args.split_name,
         source_kind=args.source_kind, hdf5_images=args.hdf5_images,
         hdf5_labels=args.hdf5_labels, cifar_split=args.cifar_split, on_error=args.on_error,
-        workers=args.workers)
+        workers=args.workers, val_fraction=args.val_fraction, val_seed=args.val_seed,
+        val_out=args.val_out)
     try:
         result = convert(args.src, args.out_dir, opts, progress=not args.no_progress)
-    except ConvertError as e:
+    except ConvertError as e:  # bad input or options: exit status 1, as always
+        if debug_enabled():
+            raise
         print(f"convert: error: {e}", file=sys.stderr)
         return 1
-    m = result.manifest
-    print(mf.summary(m))
-    print(f"wrote {result.out_dir}: {m['num_samples']} images in {result.seconds:.1f} s "
-          f"({result.images_per_sec:.0f} images/s, {opts.workers} worker(s))")
+    except CqkdError as e:  # any other user-facing failure (dataset_tools/errors.py)
+        if debug_enabled():
+            raise
+        print(f"error: {e}\n(set CQKD_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+    if result.val is None:
+        m = result.manifest
+        print(mf.summary(m))
+        print(f"wrote {result.out_dir}: {m['num_samples']} images in {result.seconds:.1f} s "
+              f"({result.images_per_sec:.0f} images/s, {opts.workers} worker(s))")
+        return 0
+    total = 0
+    for part in (result, result.val):
+        m = part.manifest
+        total += m["num_samples"]
+        print(mf.summary(m))
+        print(f"wrote {part.out_dir}: {m['num_samples']} images ({m['holdout']['role']} part)")
+    print(f"converted {total} images in {result.seconds:.1f} s "
+          f"({total / max(result.seconds, 1e-9):.0f} images/s, {opts.workers} worker(s))")
     return 0
 
 

@@ -15,6 +15,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from dataset_tools.errors import CqkdError
+
 try:
     from numpy._core import multiarray as _multiarray, numeric as _numeric
 except ImportError:  # numpy < 2
@@ -42,7 +44,7 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(CqkdError, pickle.UnpicklingError):
     """The pickle names a global outside :data:`ALLOWED_GLOBALS`."""
 
 

@@ -7,27 +7,31 @@ Reads every store back the way the training loaders do (FFCV files through
 checks, against ``manifest.json``: file sha256s, sample counts, class counts,
 labels (the same in every store), sample indices, the fingerprint
 (recomputed from the ``KEY.sha256`` + ``KEY.cls`` members), the decoded-pixel
-digests of the ``.beton`` files, the low-res size rule, and that each DALI
-``.idx`` file equals a fresh ``wds2idx`` run. Exit status 0 when all agree,
+digests of the ``.beton`` files, the low-res size rule, that each DALI
+``.idx`` file equals a fresh ``wds2idx`` run, and (for a part of a
+``--val-fraction`` split) that the ``holdout`` record is well formed: one
+sorted, distinct source position per sample. Exit status 0 when all agree,
 1 with one line per problem otherwise.
 """
 from __future__ import annotations
 
 import os
 import sys
-import tarfile
 import tempfile
+from contextlib import closing
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from dataset_tools.errors import CqkdError
 from dataset_tools.stores import manifest as mf
+from dataset_tools.stores import webdataset as wds
 from dataset_tools.stores.layout import StoreError, open_store
 
 
-class VerifyError(Exception):
+class VerifyError(CqkdError):
     """The store disagrees with its manifest; ``problems`` lists each issue."""
 
     def __init__(self, root: Path, problems: list[str]):
@@ -81,35 +85,14 @@ def read_beton(path: Path, batch_size: int = 256) -> tuple[np.ndarray, np.ndarra
     return cat(labels), cat(indices), digest.hexdigest(), sizes
 
 
-def _tar_samples(tar_path: Path):
-    """Yield ``(key, {ext: bytes})`` per sample, streaming (members of one key
-    are consecutive); image members are only sized, not kept."""
-    key, parts = None, {}
-    with tarfile.open(tar_path, "r:") as tf:
-        for m in tf:
-            k, _, ext = m.name.partition(".")
-            if k != key and key is not None:
-                yield key, parts
-                parts = {}
-            key = k
-            if ext in ("jpg", "png"):
-                parts[ext] = m.size
-            else:
-                parts[ext] = tf.extractfile(m).read() if m.isfile() else b""
-    if key is not None:
-        yield key, parts
-
-
 def _check_index(tar_path: Path, idx_path: Path, problems: list[str]) -> None:
-    from dataset_tools.stores.writers import make_index
-
     if not idx_path.is_file():
         problems.append(f"{idx_path}: DALI index missing")
         return
     with tempfile.TemporaryDirectory() as tmp:
         fresh = Path(tmp) / "fresh.idx"
         try:
-            make_index(tar_path, fresh)
+            wds.make_index(tar_path, fresh)
         except Exception as e:  # wds2idx refuses a broken tar
             problems.append(f"{idx_path}: wds2idx failed on {tar_path.name} ({e})")
             return
@@ -132,31 +115,55 @@ def read_shards(root: Path, shards: list[dict], image_ext: str, problems: list[s
         _check_index(tar_path, idx_path, problems)
         count = 0
         try:
-            for key, parts in _tar_samples(tar_path):
-                where = f"{tar_path.name}:{key}"
-                if key != f"{expect:08d}":
-                    problems.append(f"{where}: expected key {expect:08d} (samples out of order "
-                                    f"or missing)")
-                img = [e for e in parts if e in ("jpg", "png")]
-                if len(img) != 1 or img[0] not in allowed or not parts[img[0]]:
-                    problems.append(f"{where}: image member missing or not one of .{image_ext}")
-                try:
-                    label, index = int(parts["cls"]), int(parts["index"])
-                    fp.update(parts["sha256"].decode(), label)
-                except (KeyError, ValueError) as e:
-                    problems.append(f"{where}: bad or missing .cls/.index/.sha256 member ({e})")
-                    label, index = -1, -1
-                if index != expect:
-                    problems.append(f"{where}: .index says {index}, expected {expect}")
-                labels.append(label)
-                expect += 1
-                count += 1
-        except (tarfile.TarError, OSError) as e:
+            with closing(wds.iter_tar_samples(tar_path)) as samples:
+                for smp in samples:
+                    where = f"{tar_path.name}:{smp.key}"
+                    if smp.key != wds.sample_key(expect):
+                        problems.append(f"{where}: expected key {expect:08d} (samples out of "
+                                        f"order or missing)")
+                    img = [e for e in smp.members if e in wds.IMAGE_EXTS]
+                    if len(img) != 1 or img[0] not in allowed or not smp.members[img[0]][1]:
+                        problems.append(f"{where}: image member missing or not one of "
+                                        f".{image_ext}")
+                    try:
+                        label, index = int(smp.data["cls"]), int(smp.data["index"])
+                        fp.update(smp.data["sha256"].decode(), label)
+                    except (KeyError, ValueError) as e:
+                        problems.append(f"{where}: bad or missing .cls/.index/.sha256 member "
+                                        f"({e})")
+                        label, index = -1, -1
+                    if index != expect:
+                        problems.append(f"{where}: .index says {index}, expected {expect}")
+                    labels.append(label)
+                    expect += 1
+                    count += 1
+        except wds.UnreadableShard as e:
+            problems.append(f"{tar_path}: unreadable tar ({e.reason})")
+            continue
+        except OSError as e:
             problems.append(f"{tar_path}: unreadable tar ({e})")
             continue
         if count != sh["num_samples"]:
             problems.append(f"{tar_path}: {count} samples, manifest says {sh['num_samples']}")
     return np.array(labels, np.int64), fp.hexdigest()
+
+
+def _check_holdout(h, n: int, problems: list[str], lines: list[str]) -> None:
+    """The ``holdout`` record of a --val-fraction part (dataset_tools/stores/layout.py)."""
+    if not isinstance(h, dict) or h.get("role") not in ("train", "val") \
+            or not isinstance(h.get("source_positions"), list):
+        problems.append(f"holdout: malformed record {str(h)[:80]!r} (needs role train|val and "
+                        f"source_positions)")
+        return
+    pos = np.array(h["source_positions"], dtype=np.int64)
+    if len(pos) != n:
+        problems.append(f"holdout: {len(pos)} source positions, manifest says {n} samples")
+    elif n and (pos[0] < 0 or np.any(np.diff(pos) <= 0)):
+        problems.append("holdout: source positions are not distinct, sorted and >= 0")
+    f = h.get("val_fraction")
+    if not isinstance(f, (int, float)) or not 0 < f < 1:
+        problems.append(f"holdout: val_fraction {f!r} outside (0, 1)")
+    lines.append(f"holdout: {h['role']} part, {len(pos)} source positions OK")
 
 
 def verify_store(root: os.PathLike | str) -> list[str]:
@@ -213,6 +220,9 @@ def verify_store(root: os.PathLike | str) -> list[str]:
                      f"labels and fingerprint OK")
     else:
         lines.append("fingerprint: not re-checkable without the webdataset shards (no source hashes)")
+
+    if "holdout" in m:
+        _check_holdout(m["holdout"], n, problems, lines)
 
     stores = list(labels_by_store.items())
     for kind, labels in stores[1:]:

@@ -90,8 +90,10 @@ def dali_varsize(imagenette_subset, tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def cifar_stores(data_root, tmp_path_factory) -> dict:
-    """Converted CIFAR-100 stores for trainer tests: train 10 classes x 60,
-    test 10 classes x 20, raw pixels, with a 16 px low-res companion."""
+    """Converted CIFAR-100 stores for trainer tests: train 10 classes x 60
+    split at convert time into train (48 per class) and a held-out val (12
+    per class), test 10 classes x 20; raw pixels, with a 16 px low-res
+    companion."""
     from dataset_tools.convert import main as convert_main
 
     root = tmp_path_factory.mktemp("cifar_stores")
@@ -101,7 +103,24 @@ def cifar_stores(data_root, tmp_path_factory) -> dict:
         args = [str(src), str(root / split), "--write-mode", "raw", "--workers", "1",
                 "--split-name", split]
         if split == "train":
-            args += ["--student-resolution", "16"]
+            args += ["--student-resolution", "16", "--val-fraction", "0.2", "--val-seed", "0"]
         assert convert_main(args) == 0
         out[split] = root / split
+    out["val"] = root / "val"
     return out
+
+
+@pytest.fixture(scope="session")
+def teacher_run(cifar_stores, tmp_path_factory):
+    """A trained teacher (resnet8, 4 epochs on ``cifar_stores``), its
+    temperature fitted on the val split and a filled cache, shared by the
+    trainer and benchmark tests."""
+    from trainer import jobs
+    from trainer_helpers import make_cfg
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = make_cfg(cifar_stores, out, optim=dict(epochs=4))
+    teacher = jobs.run_teacher(cfg)
+    calib = jobs.run_calibrate(cfg)
+    cache = jobs.run_cache(cfg)
+    return cfg, teacher, calib, cache

@@ -1,14 +1,23 @@
-"""``python -m trainer teacher|calibrate|cache|distill|evaluate --config FILE.yaml [key=value ...]``"""
+"""``python -m trainer teacher|calibrate|cache|sweep|distill|evaluate --config FILE.yaml [key=value ...]``"""
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
+from dataset_tools.errors import CqkdError, debug_enabled
 from trainer.yaml_config import ConfigError, load_config
 
-JOBS = ("teacher", "calibrate", "cache", "distill", "evaluate")
+
+def _user_error(e: Exception) -> int:
+    """A :class:`CqkdError`: one line on stderr, exit 2; CQKD_DEBUG=1 re-raises."""
+    if debug_enabled():
+        raise e
+    print(f"error: {e}\n(set CQKD_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 2
+
+
+JOBS = ("teacher", "calibrate", "cache", "sweep", "distill", "evaluate")
 
 
 def main(argv=None) -> int:
@@ -31,11 +40,13 @@ def main(argv=None) -> int:
 
     from trainer import jobs
     from trainer.recipe import Config
+    from trainer.models import is_imagenet_model
     try:
         cfg = load_config(Config, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        for name in (cfg.model.teacher, cfg.model.student):
+            is_imagenet_model(name)  # an unknown name fails now, before any data is read
+    except (ConfigError, CqkdError) as e:
+        return _user_error(e)
     try:
         if args.job == "evaluate" and args.corruptions:
             from trainer.evaluation.corruption_ops import parse_selection
@@ -47,13 +58,21 @@ def main(argv=None) -> int:
             result = {k: result[k] for k in ("json", "num_images", "clean", "mean")}
         elif args.job == "evaluate":
             result = jobs.run_evaluate(cfg, args.checkpoint)
+        elif args.job == "sweep":
+            from trainer.sweep import run_sweep
+            result = run_sweep(cfg)
+            result = {k: result[k] for k in ("choice", "rule", "cost", "plot")}
         else:
             result = getattr(jobs, f"run_{args.job}")(cfg)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
-        if os.environ.get("CQKD_DEBUG"):
+        # a job that failed on its inputs (a store, a checkpoint, a cache: most
+        # are CqkdErrors too) keeps its historical exit status 1
+        if debug_enabled():
             raise
         print(f"error: {e}\n(set CQKD_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    except CqkdError as e:  # any other user-facing failure (e.g. a checkpoint's unknown arch)
+        return _user_error(e)
     print(json.dumps(result, indent=2, default=str))
     return 0
 

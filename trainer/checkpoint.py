@@ -8,9 +8,10 @@ from typing import Any
 import torch
 
 from dataset_tools.atomic import atomic_write_bytes
+from dataset_tools.errors import CqkdError
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CqkdError, RuntimeError):
     pass
 
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -25,13 +26,15 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from pipelines.loader import LoaderConfig, create_loader
+from pipelines.loader import create_loader
 from pipelines.mixing import Mixer
+from trainer.data import loader_config, view_config
 from trainer.evaluation.calibration import CalibrationMeter
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap, weights_hash
 from trainer.distill.logit_cache import CacheKey, LogitCache
-from trainer.distill.kd import teacher_probs
 from trainer.distill.loss import DistillLoss
+from trainer.distill.loss_config import LossConfig
+from trainer.distill.targets import CachedTargets, NoTargets, OnlineTargets
 from trainer.models import create_model
 from trainer.recipe import Config
 
@@ -85,73 +88,87 @@ def load_teacher(cfg: Config, num_classes: int, device) -> tuple[torch.nn.Module
 
 
 def cache_key(cfg: Config, teacher_hash: str, fingerprint: str) -> CacheKey:
-    views = LoaderConfig(seed=cfg.data.view_seed, num_views=cfg.data.num_views, scale=cfg.data.scale,
-                         ratio=cfg.data.ratio, flip=cfg.data.flip).view_config()
-    return CacheKey(teacher_hash=teacher_hash, data_fingerprint=fingerprint, views=views.to_dict(),
-                    teacher_resolution=cfg.data.teacher_resolution)
+    return CacheKey(teacher_hash=teacher_hash, data_fingerprint=fingerprint,
+                    views=view_config(cfg).to_dict(), teacher_resolution=cfg.data.teacher_resolution)
 
 
-def loader_config(cfg: Config, role: str, train: bool, device) -> LoaderConfig:
-    """The loader a job needs: the teacher trains on full-resolution views;
-    the student on low-resolution ones, plus the full-resolution teacher view
-    of the same crop when the teacher runs online."""
-    d, teacher_role = cfg.data, role == "teacher"
-    online = role == "student" and cfg.distill.targets == "online"
-    return LoaderConfig(
-        backend=d.backend, store=d.train_store if train else d.val_store,
-        lowres=d.lowres and not teacher_role and not online,
-        batch_size=d.batch_size if train else d.eval_batch_size, num_workers=d.num_workers,
-        shuffle=train, seed=d.view_seed, drop_last=train,
-        student_resolution=d.teacher_resolution if teacher_role else d.student_size,
-        teacher_resolution=d.teacher_resolution if (train and online) else 0, train=train,
-        num_views=d.num_views, scale=d.scale, ratio=d.ratio, flip=d.flip,
-        channels_last=d.channels_last, device=str(device))
+def calibrated_temperature(cfg: Config, teacher_hash: str) -> float:
+    """The teacher temperature fitted on the validation split by ``calibrate``
+    (``temperature.json``), checked to belong to this teacher and split."""
+    path = cfg.temperature_file
+    if not path.is_file():
+        raise ValueError(f"{path}: no fitted temperature; run 'python -m trainer calibrate "
+                         f"--config ...' first (it fits T on data.val_store)")
+    rec = json.loads(path.read_text())
+    if rec.get("teacher_weights_hash") != teacher_hash:
+        raise ValueError(f"{path}: fitted for another teacher; re-run 'python -m trainer calibrate'")
+    if rec.get("store") != cfg.data.val_store or rec.get("split") != "val":
+        raise ValueError(f"{path}: fitted on {rec.get('store')!r}, not the validation split "
+                         f"{cfg.data.val_store!r}; re-run 'python -m trainer calibrate'")
+    return float(rec["temperature"])
+
+
+@dataclass(frozen=True)
+class RoleSettings:
+    """What differs between training the teacher and a student, resolved once."""
+
+    arch: str
+    low_res_stem: bool
+    out_dir: Path
+    epochs: int
+    loss: LossConfig
+    targets: str  # none | cached | online
+    mixing: bool
+
+
+def role_settings(cfg: Config, role: str) -> RoleSettings:
+    if role not in ("teacher", "student"):
+        raise ValueError(f"role must be teacher or student, got {role!r}")
+    if role == "teacher":  # plain CE at full resolution: the usual overconfident teacher
+        return RoleSettings(cfg.model.teacher, cfg.model.teacher_low_res_stem, cfg.teacher_dir,
+                            cfg.optim.teacher_epochs or cfg.optim.epochs,
+                            replace(cfg.loss, ce=1.0, kd=0.0, rkd=0.0, crd=0.0), "none", False)
+    if cfg.distill.targets not in TARGET_MODES:
+        raise ValueError(f"distill.targets must be one of {TARGET_MODES}, got {cfg.distill.targets!r}")
+    loss = cfg.loss
+    if cfg.distill.targets == "none":
+        loss = replace(loss, kd=0.0, rkd=0.0, crd=0.0)
+    return RoleSettings(cfg.model.student, cfg.model.student_low_res_stem, cfg.student_dir,
+                        cfg.optim.epochs, loss, cfg.distill.targets, cfg.mix.enabled)
+
+
+TARGET_MODES = ("cached", "online", "none")
 
 
 class Trainer:
     def __init__(self, cfg: Config, role: str):
-        if role not in ("teacher", "student"):
-            raise ValueError(role)
+        self.role_cfg = rc = role_settings(cfg, role)
         self.cfg, self.role = cfg, role
         self.device = setup_distributed(cfg)
         seed_everything(cfg.run.seed, cfg.run.deterministic)
-        self.out_dir = cfg.teacher_dir if role == "teacher" else cfg.student_dir
+        self.out_dir, self.arch, self.low_res_stem, self.epochs = rc.out_dir, rc.arch, rc.low_res_stem, rc.epochs
         self.train_loader = self.create_loader(train=True)
         self.num_classes = self.train_loader.store.num_classes
         self.val_loader = self.create_loader(train=False) if is_main() else None
         if self.val_loader is not None and self.val_loader.store.num_classes != self.num_classes:
             raise ValueError(f"{cfg.data.val_store}: {self.val_loader.store.num_classes} classes, but "
                              f"{cfg.data.train_store} has {self.num_classes}")
-        arch = cfg.model.teacher if role == "teacher" else cfg.model.student
-        self.arch = arch
-        self.low_res_stem = cfg.model.teacher_low_res_stem if role == "teacher" \
-            else cfg.model.student_low_res_stem
-        model = create_model(arch, self.num_classes, low_res_stem=self.low_res_stem)
+        model = create_model(rc.arch, self.num_classes, low_res_stem=rc.low_res_stem)
         self.model = model.to(self.device, memory_format=self._memory_format())
-        self.teacher, self.cache, self.temperature = None, None, cfg.loss.temperature
-        teacher_dim = None
-        if role == "student" and cfg.distill.targets != "none":
-            self._setup_teacher_targets()
-            teacher_dim = self.teacher.feature_dim if self.teacher is not None else self.num_classes
-        loss_cfg = cfg.loss if role == "student" else replace(cfg.loss, ce=1.0, kd=0.0, rkd=0.0, crd=0.0)
-        if role == "student" and cfg.distill.targets == "none":
-            loss_cfg = replace(loss_cfg, kd=0.0, rkd=0.0, crd=0.0)
-        if role == "student":  # KD softens both sides with the same (possibly calibrated) T
-            loss_cfg = replace(loss_cfg, temperature=self.temperature)
-        self.loss_cfg = loss_cfg
-        self.criterion = DistillLoss(loss_cfg, student_dim=unwrap(self.model).feature_dim,
-                                     teacher_dim=teacher_dim or 1,
+        self.amp = amp_dtype(cfg, self.device)
+        self.temperature = None if rc.loss.temperature == "auto" else float(rc.loss.temperature)
+        self.targets = self._build_targets(rc)
+        self.loss_cfg = self.role_cfg.loss  # with a temperature taken from calibration, if so
+        self.criterion = DistillLoss(self.loss_cfg, student_dim=unwrap(self.model).feature_dim,
+                                     teacher_dim=self.targets.teacher_dim or 1,
                                      num_samples=self.train_loader.store.num_samples).to(self.device)
         params = list(self.model.parameters()) + list(self.criterion.parameters())
         o = cfg.optim
         self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                          weight_decay=o.weight_decay)
         self.steps_per_epoch = max(1, len(self.train_loader))
-        self.epochs = cfg.optim.teacher_epochs if role == "teacher" and cfg.optim.teacher_epochs \
-            else cfg.optim.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
-        self.mixer = Mixer(cfg.mix, cfg.run.seed) if role == "student" and cfg.mix.enabled else None
-        self.amp = amp_dtype(cfg, self.device)
+        self.mixer = Mixer(cfg.mix, cfg.run.seed) if rc.mixing else None
         self.scaler = torch.amp.GradScaler(enabled=self.amp == torch.float16)
         self.epoch, self.global_step, self.step_in_epoch = 0, 0, 0
         if dist.is_initialized():
@@ -170,24 +187,40 @@ class Trainer:
         return torch.channels_last if self.cfg.data.channels_last else torch.contiguous_format
 
     def create_loader(self, train: bool):
-        lc = loader_config(self.cfg, self.role, train, self.device)
+        lc = loader_config(self.cfg, "train" if train else "val", self.device, role=self.role)
         return create_loader(lc, world_size=None if train else 1, rank=None if train else 0)
 
-    def _setup_teacher_targets(self):
+    def _build_targets(self, rc: RoleSettings):
+        """The targets strategy of ``distill.targets`` at the teacher temperature
+        (see :mod:`trainer.distill.targets`)."""
         cfg = self.cfg
-        if cfg.distill.temperature_from_calibration:
-            self.temperature = float(json.loads(cfg.temperature_file.read_text())["temperature"])
-        if cfg.distill.targets == "online":
-            self.teacher, _ = load_teacher(cfg, self.num_classes, self.device)
-        elif cfg.distill.targets == "cached":
+        if rc.targets == "none":
+            return NoTargets()
+        if self.temperature is None:
+            raise ValueError("loss.temperature=auto: run 'python -m trainer sweep' (distill does it "
+                             "for you) so a temperature is chosen on the validation split")
+        if cfg.distill.temperature_from_calibration and cfg.distill.calibrated_teacher:
+            raise ValueError("distill.temperature_from_calibration and distill.calibrated_teacher "
+                             "both apply the fitted temperature; choose one")
+        if rc.targets == "online":
+            teacher, whash = load_teacher(cfg, self.num_classes, self.device)
+        else:
             if cfg.data.num_views == 0:
                 raise ValueError("distill.targets=cached needs replayable views (data.num_views > 0)")
-            ckpt = load_checkpoint(cfg.teacher_checkpoint)
-            key = cache_key(cfg, ckpt["weights_hash"], self.train_loader.store.fingerprint)
-            self.cache = LogitCache.open(cfg.cache_path, key, device=self.device)
-        else:
-            raise ValueError(f"distill.targets must be cached, online or none, got "
-                             f"{cfg.distill.targets!r}")
+            whash = load_checkpoint(cfg.teacher_checkpoint)["weights_hash"]
+        t_cal = calibrated_temperature(cfg, whash) if (
+            cfg.distill.calibrated_teacher or cfg.distill.temperature_from_calibration) else 1.0
+        if cfg.distill.temperature_from_calibration:  # the fitted T is the KD temperature
+            self.temperature, t_cal = t_cal, 1.0
+            self.role_cfg = replace(rc, loss=replace(rc.loss, temperature=self.temperature))
+            rc = self.role_cfg
+        teacher_t = t_cal * self.temperature
+        if rc.targets == "online":
+            return OnlineTargets(teacher, teacher_t, self._autocast)
+        key = cache_key(cfg, whash, self.train_loader.store.fingerprint)
+        cache = LogitCache.open(cfg.cache_path, key, device=self.device)
+        return CachedTargets(cache, teacher_t, cfg.distill.cached_mix,
+                             need_features=rc.loss.rkd > 0 or rc.loss.crd > 0)
 
     def _lr_lambda(self, step: int) -> float:
         o = self.cfg.optim
@@ -201,25 +234,6 @@ class Trainer:
         return o.gamma ** sum(frac >= m for m in o.milestones)
 
     # ------------------------------------------------------------------ steps
-    def targets(self, batch):
-        """(teacher probabilities at T, teacher embedding) for the batch, mixed
-        like the batch. Cached mode mixes the cached probabilities (an
-        approximation: the teacher never saw the mixed image) and hands the
-        (mixed) cached logits to RKD/CRD as the teacher embedding; online mode
-        runs the teacher on the mixed full-resolution view (exact) and uses its
-        pooled features."""
-        if self.cache is not None:
-            logits = self.cache.lookup(batch.indices, batch.view_ids)
-            probs = teacher_probs(logits, self.temperature)
-            if batch.mix is not None:
-                return batch.mix.mix_targets(probs), batch.mix.mix_targets(logits)
-            return probs, logits
-        if self.teacher is None:
-            return None, None
-        with torch.no_grad(), self._autocast():
-            emb, logits = self.teacher.forward_features(batch.teacher)
-        return teacher_probs(logits.float(), self.temperature), emb.float()
-
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32,
                               enabled=self.amp is not None)
@@ -251,7 +265,7 @@ class Trainer:
         self.train_loader.set_epoch(self.epoch)
         stats = {k: torch.zeros((), device=self.device) for k in ("loss", "correct", "n")}
         skip = self.step_in_epoch  # resuming mid-epoch: replay the same order, skip done steps
-        bar = tqdm(total=len(self.train_loader), initial=skip, disable=not (is_main() and self.cfg.run.progress),
+        bar = tqdm(total=len(self.train_loader), initial=skip, disable=not self._live_progress(),
                    desc=f"{self.role} epoch {self.epoch}", leave=False)
         t0, n_images = time.perf_counter(), 0
         for i, batch in enumerate(self.train_loader):
@@ -331,6 +345,18 @@ class Trainer:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     # ------------------------------------------------------------------- fit
+    def _live_progress(self) -> bool:
+        """A progress bar only on a terminal; logs get one line per epoch (:meth:`fit`)."""
+        return is_main() and self.cfg.run.progress and sys.stderr.isatty()
+
+    def _epoch_line(self, rec: dict) -> None:
+        if not (is_main() and self.cfg.run.progress) or self._live_progress():
+            return
+        val = f", val top-1 {rec['val_top1']:.3f}, val ECE {rec['val_ece']:.3f}" if "val_top1" in rec else ""
+        print(f"{self.role} epoch {rec['epoch']}/{self.epochs}: loss {rec['loss']:.3f}, train acc "
+              f"{rec['train_acc']:.3f}{val}, {rec['train_images_per_sec']:.0f} img/s, "
+              f"{rec['epoch_seconds']:.1f} s", flush=True)
+
     def log(self, record: dict) -> None:
         if not is_main():
             return
@@ -353,6 +379,7 @@ class Trainer:
             last = {"epoch": self.epoch, "step": self.global_step, **train,
                     **{f"val_{k}": v for k, v in val.items()}, "epoch_seconds": time.perf_counter() - t0}
             self.log(last)
+            self._epoch_line(last)
             self.save("last.pt")
             if stopped:  # interrupted on purpose (max_steps): resumable, not final
                 break

@@ -1,6 +1,13 @@
-"""The five jobs of the CLI: teacher, calibrate, cache, distill, evaluate."""
+"""The jobs of the CLI: teacher, calibrate, cache, distill, evaluate (and
+``sweep``, in :mod:`trainer.sweep`).
+
+Splits: ``data.train_store`` trains; ``data.val_store`` (held out from the
+training data) is what anything fitted or chosen sees (per-epoch validation,
+temperature scaling, the sweep); ``data.test_store`` is read only by
+``evaluate`` and the reports."""
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -8,17 +15,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dataset_tools.stores.layout import open_store
-from pipelines.loader import LoaderConfig, create_loader
-from trainer.evaluation.calibration import calibration_metrics, reliability_diagram
 from dataset_tools.atomic import write_json_atomic as write_json
+from dataset_tools.stores.layout import open_store
+from pipelines.loader import create_loader
 from trainer.checkpoint import load_checkpoint
+from trainer.data import loader_config
+from trainer.distill.logit_cache import LogitCache, fill_cache
 from trainer.engine import (Trainer, amp_dtype, cache_key, collect_logits, evaluate_model, load_teacher,
                             setup_distributed)
-from trainer.distill.logit_cache import LogitCache, fill_cache
+from trainer.evaluation.calibration import calibration_metrics, reliability_diagram
+from trainer.evaluation.temperature import fit_temperature
 from trainer.models import create_model
 from trainer.recipe import Config
-from trainer.evaluation.temperature import fit_temperature
 
 
 def _autocast_for(cfg: Config, device):
@@ -26,13 +34,9 @@ def _autocast_for(cfg: Config, device):
     return (lambda: torch.autocast(device.type, dtype=dt)) if dt is not None else nullcontext
 
 
-def _eval_loader(cfg: Config, store: str, resolution: int, device, **kw):
-    d = cfg.data
-    lc = LoaderConfig(backend=d.backend, store=store, batch_size=d.eval_batch_size,
-                      num_workers=d.num_workers, shuffle=False, drop_last=False,
-                      student_resolution=resolution, train=False, seed=cfg.data.view_seed,
-                      channels_last=d.channels_last, device=str(device), **kw)
-    return create_loader(lc, rank=0, world_size=1)
+def _eval_loader(cfg: Config, split: str, resolution: int, device):
+    """Whole images of the ``val`` or ``test`` split at ``resolution``, every sample once."""
+    return create_loader(loader_config(cfg, split, device, resolution=resolution), rank=0, world_size=1)
 
 
 def _fit(cfg: Config, role: str) -> dict:
@@ -49,7 +53,8 @@ def run_teacher(cfg: Config) -> dict:
 
 
 def run_calibrate(cfg: Config) -> dict:
-    """Fit one temperature on the held-out split by minimizing NLL.
+    """Fit one temperature on the validation split (``data.val_store``, held
+    out from the training data) by minimizing NLL.
 
     The ECE after scaling is reported by 2-fold cross-fitting (fit on half the
     held-out samples, measure on the other half, and vice versa), so the
@@ -57,7 +62,7 @@ def run_calibrate(cfg: Config) -> dict:
     saved temperature is fitted on all of them.
     """
     device = setup_distributed(cfg)
-    with _eval_loader(cfg, cfg.data.val_store, cfg.data.teacher_resolution, device) as loader:
+    with _eval_loader(cfg, "val", cfg.data.teacher_resolution, device) as loader:
         teacher, whash = load_teacher(cfg, loader.store.num_classes, device)
         logits, labels = collect_logits(teacher, loader, _autocast_for(cfg, device))
     full = fit_temperature(logits, labels)
@@ -71,7 +76,7 @@ def run_calibrate(cfg: Config) -> dict:
               "nll_before": full.nll_before, "nll_after": full.nll_after,
               "ece_before": before["ece"], "ece_after_fitted": full.ece_after,
               "ece_after_crossfit": sum(cross) / 2, "accuracy": before["top1"],
-              "num_samples": len(labels), "store": cfg.data.val_store}
+              "num_samples": len(labels), "store": cfg.data.val_store, "split": "val"}
     cfg.teacher_dir.mkdir(parents=True, exist_ok=True)
     write_json(cfg.temperature_file, result)
     reliability_diagram(logits, labels, cfg.teacher_dir / "reliability_before.png",
@@ -82,58 +87,66 @@ def run_calibrate(cfg: Config) -> dict:
 
 
 def run_cache(cfg: Config) -> dict:
-    """Fill the teacher-logit cache: K full-resolution views per sample."""
+    """Fill the teacher cache: logits and penultimate embeddings of K
+    full-resolution views per training sample."""
     device = setup_distributed(cfg)
     d = cfg.data
     if d.num_views < 1:
         raise ValueError("data.num_views must be >= 1 to fill a logit cache")
-    probe = _eval_loader(cfg, d.train_store, d.teacher_resolution, device)
-    store = probe.store
-    probe.close()
+    store = open_store(d.train_store)
     teacher, whash = load_teacher(cfg, store.num_classes, device)
     key = cache_key(cfg, whash, store.fingerprint)
     autocast = _autocast_for(cfg, device)
-    bar = tqdm(total=store.num_samples * d.num_views, desc="teacher logits", disable=not cfg.run.progress)
+    bar = tqdm(total=store.num_samples * d.num_views, desc="teacher logits", disable=not (cfg.run.progress and sys.stderr.isatty()))
     t0 = time.perf_counter()
 
     def view_batches(v):
         # Same view contract as training (seed, K, scale, ratio, flip); every sample once.
-        lc = LoaderConfig(backend=d.backend, store=d.train_store, batch_size=d.eval_batch_size,
-                          num_workers=d.num_workers, shuffle=False, drop_last=False,
-                          student_resolution=d.teacher_resolution, train=True, fixed_view=v,
-                          seed=cfg.data.view_seed, num_views=d.num_views, scale=d.scale, ratio=d.ratio,
-                          flip=d.flip, channels_last=d.channels_last, device=str(device))
-        with create_loader(lc, rank=0, world_size=1) as loader:
+        with create_loader(loader_config(cfg, "cache", device, fixed_view=v), rank=0, world_size=1) as loader:
             for batch in loader:
                 def compute(batch=batch):
                     with torch.no_grad(), autocast():
-                        return teacher(batch.student).float().cpu().numpy()
+                        emb, logits = teacher.forward_features(batch.student)
+                    return logits.float().cpu().numpy(), emb.float().cpu().numpy()
                 yield batch.indices.cpu().numpy(), compute
 
     path = fill_cache(cfg.cache_path, key, store.num_samples, store.num_classes, d.num_views,
-                      view_batches, dtype=cfg.distill.cache_dtype, progress=bar.update)
+                      view_batches, dtype=cfg.distill.cache_dtype, progress=bar.update,
+                      feature_dim=teacher.feature_dim)
     bar.close()
+    seconds = time.perf_counter() - t0
     cache = LogitCache.open(path, key)
-    return {"path": str(path), "num_samples": cache.num_samples, "num_views": cache.num_views,
-            "num_classes": cache.num_classes, "dtype": cfg.distill.cache_dtype,
-            "fp16_max_abs_error": cache.fp16_max_abs_error, "seconds": time.perf_counter() - t0}
+    result = {"path": str(path), "num_samples": cache.num_samples, "num_views": cache.num_views,
+              "num_classes": cache.num_classes, "feature_dim": cache.feature_dim,
+              "dtype": cfg.distill.cache_dtype, "fp16_max_abs_error": cache.fp16_max_abs_error,
+              "features_fp16_max_abs_error": cache.features_fp16_max_abs_error, "seconds": seconds,
+              "teacher_images_per_sec": store.num_samples * d.num_views / max(seconds, 1e-9)}
+    write_json(cfg.cache_path.with_suffix(".json"), result)
+    return result
 
 
 def run_distill(cfg: Config) -> dict:
-    """A student at reduced resolution from cached or online teacher targets."""
+    """A student at reduced resolution from cached or online teacher targets.
+    With ``loss.temperature: auto`` the sweep (:mod:`trainer.sweep`) chooses
+    the temperature and objective on the validation split first (reusing its
+    result when it exists for this recipe)."""
+    if cfg.loss.temperature == "auto" and cfg.distill.targets != "none":
+        from trainer.sweep import apply_choice, run_sweep
+
+        cfg = apply_choice(cfg, run_sweep(cfg))
     return _fit(cfg, "student")
 
 
 def _load_evaluable(cfg: Config, checkpoint: str, store_classes: int) -> tuple[Path, dict, torch.nn.Module]:
     """A trainer checkpoint (default: the run's student), checked against the
-    val store's class count, and its model rebuilt (on the CPU)."""
+    test store's class count, and its model rebuilt (on the CPU)."""
     path = Path(checkpoint) if checkpoint else cfg.student_dir / "final.pt"
     ck = load_checkpoint(path)
     for k in ("arch", "num_classes", "model", "student_resolution"):
         if k not in ck:
             raise ValueError(f"{path}: not a checkpoint of this trainer (missing {k!r})")
     if store_classes != ck["num_classes"]:
-        raise ValueError(f"{path}: model has {ck['num_classes']} classes, {cfg.data.val_store} has "
+        raise ValueError(f"{path}: model has {ck['num_classes']} classes, {cfg.data.test_store} has "
                          f"{store_classes}")
     model = create_model(ck["arch"], ck["num_classes"], low_res_stem=ck.get("low_res_stem", True))
     model.load_state_dict(ck["model"])
@@ -141,26 +154,28 @@ def _load_evaluable(cfg: Config, checkpoint: str, store_classes: int) -> tuple[P
 
 
 def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
-    """Accuracy and the calibration family of a checkpoint on the val split,
-    plus its reliability diagram."""
+    """Accuracy and the calibration family of a checkpoint on the test split
+    (``data.test_store``), plus its reliability diagram."""
     device = setup_distributed(cfg)
-    path, ck, model = _load_evaluable(cfg, checkpoint, open_store(cfg.data.val_store).num_classes)
+    path, ck, model = _load_evaluable(cfg, checkpoint, open_store(cfg.data.test_store).num_classes)
     model = model.to(device)
-    with _eval_loader(cfg, cfg.data.val_store, ck["student_resolution"], device) as loader:
+    with _eval_loader(cfg, "test", ck["student_resolution"], device) as loader:
         autocast = _autocast_for(cfg, device)
         metrics = evaluate_model(model, loader, autocast)
         logits, labels = collect_logits(model, loader, autocast)
     png = path.with_name(path.stem + "_reliability.png")
     reliability_diagram(logits, labels, png, title=f"{ck['arch']} @ {ck['student_resolution']}px")
     result = {"checkpoint": str(path), "arch": ck["arch"], "resolution": ck["student_resolution"],
-              **metrics, "reliability_diagram": str(png)}
+              "store": cfg.data.test_store, "split": "test", **metrics, "reliability_diagram": str(png),
+              "logits_file": str(path.with_name(path.stem + "_test_logits.pt"))}
+    torch.save({"logits": logits, "labels": labels}, result["logits_file"])
     write_json(path.with_name(path.stem + "_eval.json"), result)
     return result
 
 
 def run_evaluate_corruptions(cfg: Config, checkpoint: str = "", severities=None, types=None,
                              limit: int = 0) -> dict:
-    """Accuracy, ECE and NLL of a checkpoint on the val split under the 15
+    """Accuracy, ECE and NLL of a checkpoint on the test split under the 15
     CIFAR-C corruptions x 5 severities (see trainer/evaluation/corruptions.py for the
     pipeline); ``limit > 0``: a class-balanced subset of that many images.
     Writes ``<checkpoint stem>_corruptions.json`` beside the checkpoint."""
@@ -172,11 +187,11 @@ def run_evaluate_corruptions(cfg: Config, checkpoint: str = "", severities=None,
     if limit < 0:
         raise ValueError(f"--corruption-limit must be >= 0 (0 = every image), got {limit}")
     device = setup_distributed(cfg)
-    store = open_store(cfg.data.val_store)
+    store = open_store(cfg.data.test_store)
     path, ck, model = _load_evaluable(cfg, checkpoint, store.num_classes)
     native = C.native_size(store.manifest)
     t0 = time.perf_counter()
-    with _eval_loader(cfg, cfg.data.val_store, native, torch.device("cpu")) as loader:
+    with _eval_loader(cfg, "test", native, torch.device("cpu")) as loader:
         images, labels, indices = C.read_native_images(loader, limit)
     metrics = C.evaluate_corruptions(
         model.to(device), images, labels, indices, resolution=ck["student_resolution"],
@@ -185,7 +200,7 @@ def run_evaluate_corruptions(cfg: Config, checkpoint: str = "", severities=None,
         channels_last=cfg.data.channels_last, workers=cfg.data.num_workers, progress=cfg.run.progress)
     out = path.with_name(path.stem + "_corruptions.json")
     result = {"checkpoint": str(path), "arch": ck["arch"], "resolution": ck["student_resolution"],
-              "store": cfg.data.val_store, "native_resolution": native, "num_images": len(labels),
+              "store": cfg.data.test_store, "native_resolution": native, "num_images": len(labels),
               "limit": limit, "seed": cfg.run.seed,
               "parameters": "CIFAR-10/100-C (Hendrycks & Dietterich 2019, make_cifar_c.py)",
               "substitutions": C.SUBSTITUTIONS, **metrics, "seconds": time.perf_counter() - t0,

@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.mixing import MixConfig
-from trainer.distill.loss_config import LossConfig
+from trainer.distill.loss_config import KD_OBJECTIVES, LossConfig
+
+
+def _choice(key: str, value, valid: tuple) -> None:
+    if value not in valid:
+        raise ValueError(f"{key}={value!r} is not one of {', '.join(map(str, valid))}")
 
 
 @dataclass
@@ -27,6 +32,9 @@ class RunSection:
     max_steps: int = 0  # stop after this many optimizer steps (0: no limit)
     progress: bool = True
 
+    def __post_init__(self):
+        _choice("run.amp", self.amp, ("auto", "off", "bf16", "fp16"))
+
     @property
     def root(self) -> Path:
         return Path(self.out_dir) / self.name
@@ -35,7 +43,10 @@ class RunSection:
 @dataclass
 class DataSection:
     train_store: str = "stores/cifar100/train"
-    val_store: str = "stores/cifar100/test"
+    # held out from the training data (convert --val-fraction): everything fitted
+    # or chosen (temperature scaling, the KD temperature, the sweep) uses it
+    val_store: str = "stores/cifar100/val"
+    test_store: str = "stores/cifar100/test"  # read only by evaluate and the reports
     backend: str = "reference"  # reference | ffcv | dali
     batch_size: int = 128
     eval_batch_size: int = 500
@@ -82,13 +93,45 @@ class OptimSection:
     gamma: float = 0.1
     warmup_epochs: float = 0.0
 
+    def __post_init__(self):
+        _choice("optim.schedule", self.schedule, ("cosine", "step"))
+
 
 @dataclass
 class DistillSection:
     targets: str = "cached"  # cached (logit cache) | online (teacher runs) | none (supervised)
     cache_dtype: str = "float16"
     temperature_from_calibration: bool = False  # use the calibrated T as the KD temperature
+    # the calibrated teacher: its logits divided by the temperature fitted on the
+    # validation split (python -m trainer calibrate) before smoothing at loss.temperature
+    calibrated_teacher: bool = False
+    cached_mix: str = "probs"  # cached targets under mixing: mix probabilities | logits
+
+    def __post_init__(self):
+        _choice("distill.targets", self.targets, ("cached", "online", "none"))
+        _choice("distill.cache_dtype", self.cache_dtype, ("float16", "float32"))
+        _choice("distill.cached_mix", self.cached_mix, ("probs", "logits"))
     teacher_checkpoint: str = ""  # default: runs/<name>/teacher/final.pt
+
+
+@dataclass
+class SweepSection:
+    """``python -m trainer sweep`` (and ``loss.temperature: auto``): short
+    students from the cache over temperatures x objectives x calibrated
+    teacher; the choice is the lowest validation ECE among the runs whose
+    validation top-1 is within ``top1_tolerance`` of the best run's."""
+
+    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    objectives: tuple[str, ...] = ("hinton", "teacher_smoothing")
+    calibrated: tuple[bool, ...] = (False, True)
+    epochs: int = 0  # epochs of each sweep student (0: optim.epochs)
+    top1_tolerance: float = 0.01
+
+    def __post_init__(self):
+        for o in self.objectives:
+            _choice("sweep.objectives", o, KD_OBJECTIVES)
+        if self.top1_tolerance < 0 or self.epochs < 0:
+            raise ValueError("sweep.top1_tolerance and sweep.epochs must be >= 0")
 
 
 @dataclass
@@ -100,6 +143,7 @@ class Config:
     mix: MixConfig = field(default_factory=MixConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     distill: DistillSection = field(default_factory=DistillSection)
+    sweep: SweepSection = field(default_factory=SweepSection)
 
     # --- where each job's outputs live -------------------------------------
     @property
@@ -122,3 +166,11 @@ class Config:
     @property
     def student_dir(self) -> Path:
         return self.run.root / self.run.tag
+
+    @property
+    def sweep_dir(self) -> Path:
+        return self.run.root / "sweep"
+
+    @property
+    def sweep_file(self) -> Path:
+        return self.sweep_dir / "sweep.json"

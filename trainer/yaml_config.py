@@ -15,8 +15,10 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from dataset_tools.errors import CqkdError
 
-class ConfigError(ValueError):
+
+class ConfigError(CqkdError, ValueError):
     pass
 
 

@@ -6,6 +6,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
+from dataset_tools.errors import CqkdError
+
 # Same set as torchvision.datasets.folder.IMG_EXTENSIONS (not imported, to keep
 # torch out of worker processes); tests check they agree.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -14,7 +16,7 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 KINDS = ("imagefolder", "tar", "cifar", "hdf5")
 
 
-class BadInput(Exception):
+class BadInput(CqkdError):
     """One bad input file. ``str()`` is ``"<file>: <reason>; <fix>"``."""
 
     def __init__(self, file: str, reason: str, fix: str = ""):
@@ -25,7 +27,7 @@ class BadInput(Exception):
         return (type(self), (self.file, self.reason, self.fix))
 
 
-class SourceError(Exception):
+class SourceError(CqkdError):
     """The whole source is unusable; the message names the file and the fix."""
 
 

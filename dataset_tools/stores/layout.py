@@ -37,7 +37,21 @@ Manifest (``format_version`` 1), the keys every reader may rely on::
       ffcv_lowres: {path, num_samples, sha256, resolution, pixel_sha256}   (optional),
       dali:        {image_ext, shards: [{tar, index, num_samples, sha256}]},
     },
-    skipped [{file, reason}]
+    skipped [{file, reason}],
+    holdout {role, val_fraction, seed, source, source_positions}   (optional, see below)
+
+``holdout``: present only in the two stores of a ``convert.py --val-fraction F``
+run (``dataset_tools/split.py``), absent in a store converted whole (whose
+manifest is unchanged from before the option existed; ``Store.role`` reads
+it as ``"whole"``). ``role``: ``"train"`` or ``"val"``; ``val_fraction``: F;
+``seed``: ``--val-seed``; ``source``: SRC as given on the command line;
+``source_positions``: sorted indices into the source listing
+(``open_source(SRC).items``) of the samples this store holds, so sample ``i``
+is source item ``source_positions[i]``. The two parts of one run are disjoint
+and, with no file rejected, together the whole listing; they share
+``classes`` (a class keeps its index even with few or no images in a part).
+``split`` stays the split *name* used in the file names (``val`` for the val
+part of a ``train`` split, else ``NAME-val``).
 
 ``sha256``: of the whole file. ``pixel_sha256``: sha256 over, per sample, the
 sha256 of (height, width as uint32 LE, then the H x W x 3 uint8 pixels FFCV's
@@ -55,11 +69,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from dataset_tools.errors import CqkdError
+
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 
-class StoreError(RuntimeError):
+class StoreError(CqkdError, RuntimeError):
     """A store is missing, incomplete or not the one expected."""
 
 
@@ -73,6 +89,16 @@ class Store:
     @property
     def split(self) -> str:
         return self.manifest["split"]
+
+    @property
+    def holdout(self) -> Optional[dict]:
+        """The train/val split record (see the module doc); None for a whole store."""
+        return self.manifest.get("holdout")
+
+    @property
+    def role(self) -> str:
+        """``"train"`` / ``"val"`` for a part of a --val-fraction split, else ``"whole"``."""
+        return (self.holdout or {}).get("role", "whole")
 
     @property
     def fingerprint(self) -> str:

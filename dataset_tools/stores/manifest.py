@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -136,9 +137,12 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
 
 def build_manifest(*, split: str, source: dict, classes: list[str], stats: DatasetStats,
                    fingerprint: str, options: dict, stores: dict,
-                   skipped: list[tuple[str, str]]) -> dict:
+                   skipped: list[tuple[str, str]], holdout: Optional[dict] = None) -> dict:
+    """The manifest dict (schema: ``dataset_tools/stores/layout.py``). ``holdout``:
+    the train/val split record of a ``--val-fraction`` conversion; None (a
+    store converted whole) leaves the key out."""
     mean, std = stats.mean_std()
-    return {
+    manifest = {
         "format_version": FORMAT_VERSION,
         "tool": {"name": TOOL_NAME, "version": TOOL_VERSION},
         "split": split,
@@ -155,10 +159,26 @@ def build_manifest(*, split: str, source: dict, classes: list[str], stats: Datas
         "stores": stores,
         "skipped": [{"file": f, "reason": r} for f, r in skipped],
     }
+    if holdout is not None:
+        manifest["holdout"] = {**holdout,
+                               "source_positions": [int(i) for i in holdout["source_positions"]]}
+    return manifest
+
+
+_POSITIONS_TOKEN = '"@@source_positions@@"'
 
 
 def dumps(manifest: dict) -> str:
-    return json.dumps(manifest, indent=2) + "\n"
+    """Indented JSON plus a newline; ``holdout.source_positions`` (one int per
+    sample) goes on one line instead of one line per int."""
+    holdout = manifest.get("holdout")
+    if not isinstance(holdout, dict) or "source_positions" not in holdout:
+        return json.dumps(manifest, indent=2) + "\n"
+    marked = {**holdout, "source_positions": json.loads(_POSITIONS_TOKEN)}
+    text = json.dumps({**manifest, "holdout": marked}, indent=2)
+    if text.count(_POSITIONS_TOKEN) != 1:  # the token also occurs elsewhere: plain layout
+        return json.dumps(manifest, indent=2) + "\n"
+    return text.replace(_POSITIONS_TOKEN, json.dumps(holdout["source_positions"])) + "\n"
 
 
 def summary(manifest: dict) -> str:
@@ -174,6 +194,11 @@ def summary(manifest: dict) -> str:
         + "  std " + ", ".join(f"{v:.4f}" for v in manifest["std"]),
         f"  fingerprint {manifest['fingerprint']}",
     ]
+    if "holdout" in manifest:
+        h = manifest["holdout"]
+        lines.append(f"  holdout: {h['role']} part of {h['source']} (val fraction "
+                     f"{h['val_fraction']}, seed {h['seed']}, {len(h['source_positions'])} "
+                     f"source positions)")
     stores = manifest["stores"]
     if "ffcv" in stores:
         lines.append(f"  ffcv: {stores['ffcv']['path']} ({manifest['options']['write_mode']})")

@@ -24,8 +24,10 @@ from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import MIN_PAGE_SIZE, DatasetWriter, handle_sample
 
+from dataset_tools.errors import CqkdError
 from dataset_tools.stores.ffcv_codec import JPG_MODE, RAW_MODE, ImageRecord
 from dataset_tools.stores.manifest import file_sha256
+from dataset_tools.stores.webdataset import make_index, sample_key
 
 DEFAULT_PAGE_SIZE = 4 * MIN_PAGE_SIZE  # FFCV's default (8 MiB)
 if (JPG_MODE, RAW_MODE) != (IMAGE_MODES["jpg"], IMAGE_MODES["raw"]):
@@ -33,7 +35,7 @@ if (JPG_MODE, RAW_MODE) != (IMAGE_MODES["jpg"], IMAGE_MODES["raw"]):
                       f"dataset_tools/stores/ffcv_codec.py expects FFCV 1.0.2's (jpg 0, raw 1)")
 
 
-class RecordTooLarge(ValueError):
+class RecordTooLarge(CqkdError, ValueError):
     """An image record that cannot fit in one FFCV page."""
 
 
@@ -138,14 +140,6 @@ def _tar_member(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def make_index(tar_path: Path, idx_path: Path) -> None:
-    """DALI's own index format, written by DALI's ``wds2idx`` tool."""
-    from wds2idx import IndexCreator
-
-    with IndexCreator(str(tar_path), str(idx_path), verbose=False) as creator:
-        creator.create_index()
-
-
 class ShardWriter:
     """Writes webdataset tar shards (``shard-%06d.tar``) plus their DALI index
     files under ``root/subdir``; members per sample: KEY.{jpg|png}, KEY.cls,
@@ -166,7 +160,7 @@ class ShardWriter:
     def add(self, index: int, ext: str, image: bytes, label: int, source_sha256: str) -> None:
         if self._tar is None:
             self._open()
-        key = f"{index:08d}"
+        key = sample_key(index)
         for suffix, data in ((ext, image), ("cls", str(int(label)).encode()),
                              ("index", str(int(index)).encode()),
                              ("sha256", source_sha256.encode())):

@@ -4,7 +4,8 @@
 :mod:`pipelines.dali.loader`: for each batch of sample indices (the epoch
 order and view ids are the loader's) it reads the encoded images from the
 memory-mapped webdataset tars at the offsets in DALI's own ``.idx`` files
-(:class:`ShardTable`), checks them and their labels, and computes the crops.
+(:class:`ShardTable`, from :mod:`dataset_tools.stores.webdataset`), checks
+them and their labels, and computes the crops.
 
 The bytes go in as one zero-padded ``(n, longest)`` array, copied by a numba
 loop, when that costs at most ~2x their size and every image ends with its
@@ -20,87 +21,15 @@ own reader pipeline (A/B, interleaved runs).
 from __future__ import annotations
 
 import collections
-import functools
 import mmap
-import os
-from pathlib import Path
 from typing import Optional
 
 import numba
 import numpy as np
 
-from dataset_tools.stores.layout import MANIFEST_NAME, StoreError
+from dataset_tools.stores.layout import StoreError
+from dataset_tools.stores.webdataset import ShardTable
 from pipelines.views import ViewConfig, box_to_pixels, view_params
-
-IMAGE_EXTS = ("jpg", "jpeg", "png")
-
-
-@functools.lru_cache(maxsize=64)
-def _parse_index(idx_path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, ...]:
-    """One wds2idx file -> (keys, img_off, img_len, cls_off, cls_len), int64.
-
-    Cached by (path, mtime, size): loaders recreated every epoch parse once."""
-    del mtime_ns, size  # cache key only
-    with open(idx_path) as f:
-        header = f.readline().split()
-        lines = f.read().splitlines()
-    if len(header) != 2 or not header[0].startswith("v1"):
-        raise StoreError(f"{idx_path}: not a DALI webdataset index (header {header!r}); "
-                         f"re-run dataset_tools/convert.py --formats dali")
-    rows = np.zeros((len(lines), 5), dtype=np.int64)
-    for r, line in enumerate(lines):
-        tok = line.split()
-        found = 0
-        try:
-            for j in range(0, len(tok) - 3, 4):  # groups of: ext offset size name
-                ext, off, ln, name = tok[j], int(tok[j + 1]), int(tok[j + 2]), tok[j + 3]
-                if ext in IMAGE_EXTS:
-                    rows[r, 0], rows[r, 1], rows[r, 2] = int(name.split(".", 1)[0]), off, ln
-                    found |= 1
-                elif ext == "cls":
-                    rows[r, 3], rows[r, 4] = off, ln
-                    found |= 2
-        except ValueError:
-            found = -1
-        if found != 3:
-            raise StoreError(f"{idx_path}: sample line {r + 1} is malformed or lacks an image or "
-                             f"a .cls member; re-run dataset_tools/convert.py --formats dali")
-    return tuple(np.ascontiguousarray(rows[:, c]) for c in range(5))
-
-
-class ShardTable:
-    """Where each sample's image and label live: shard number and byte ranges,
-    indexed by sample index (the webdataset key)."""
-
-    def __init__(self, shards: list[tuple[Path, Path]], num_samples: int, root: Path):
-        n = num_samples
-        self.root = root
-        self.shard = np.full(n, -1, dtype=np.int32)
-        self.img_off = np.zeros(n, dtype=np.int64)
-        self.img_len = np.zeros(n, dtype=np.int64)
-        self.cls_off = np.zeros(n, dtype=np.int64)
-        self.cls_len = np.zeros(n, dtype=np.int64)
-        self.tars = [tar for tar, _ in shards]
-        for s, (tar, idx) in enumerate(shards):
-            st = os.stat(idx)
-            keys, io, il, co, cl = _parse_index(str(idx), st.st_mtime_ns, st.st_size)
-            if keys.size and (keys.min() < 0 or keys.max() >= n):
-                raise StoreError(f"{idx}: sample keys outside 0..{n - 1} (manifest num_samples); "
-                                 f"the shards do not belong to {root / MANIFEST_NAME}")
-            if (self.shard[keys] >= 0).any():
-                raise StoreError(f"{idx}: sample keys repeated across shards; "
-                                 f"re-run the conversion")
-            tar_size = os.path.getsize(tar)
-            if keys.size and (np.maximum(io + il, co + cl).max() > tar_size or (io < 0).any()):
-                raise StoreError(f"{idx}: lists members beyond the end of {tar} (a truncated or "
-                                 f"replaced shard?); re-run dataset_tools/convert.py")
-            self.shard[keys] = s
-            self.img_off[keys], self.img_len[keys] = io, il
-            self.cls_off[keys], self.cls_len[keys] = co, cl
-        missing = np.flatnonzero(self.shard < 0)
-        if missing.size:
-            raise StoreError(f"{root}: {missing.size} of {n} samples (first key {missing[0]:08d}) "
-                             f"are in no DALI shard index; re-run dataset_tools/convert.py")
 
 
 def uniform_image_size(manifest: dict) -> Optional[tuple[int, int]]:

@@ -37,9 +37,7 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
-import tarfile
 import weakref
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
@@ -48,85 +46,11 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from dataset_tools.stores.layout import Store, StoreError
+from dataset_tools.stores.webdataset import ShardIndex, index_shards
 from pipelines.batch import Batch
 from pipelines.kernels.reduced_decode import dct_denominator
 from pipelines.loader import BaseLoader, LoaderConfig
 from pipelines.views import ViewConfig, box_to_pixels, view_params
-
-_IMAGE_EXTS = ("jpg", "jpeg", "png")
-
-
-# --------------------------------------------------------------------------- store index
-@dataclass
-class ShardIndex:
-    """Where each sample's image bytes lie in the webdataset tars (by sample index)."""
-
-    tars: list[str]
-    shard: np.ndarray  # int32 [n]
-    offset: np.ndarray  # int64 [n], byte offset of the image data in its tar
-    size: np.ndarray  # int64 [n]
-    is_jpeg: np.ndarray  # bool [n]
-    labels: np.ndarray  # int64 [n]
-
-
-def index_shards(store: Store) -> ShardIndex:
-    """Scan the tar headers once (``tarfile`` gives each member's data offset)
-    and read the small ``.cls`` / ``.index`` members; check the result against
-    the manifest so a damaged store fails here, not mid-epoch."""
-    n = store.num_samples
-    shard = np.full(n, -1, dtype=np.int32)
-    offset = np.zeros(n, dtype=np.int64)
-    size = np.zeros(n, dtype=np.int64)
-    is_jpeg = np.zeros(n, dtype=np.bool_)
-    labels = np.full(n, -1, dtype=np.int64)
-    tars = []
-    for s, (tar_path, _idx) in enumerate(store.dali_shards()):
-        tars.append(str(tar_path))
-        try:
-            with tarfile.open(tar_path, "r:") as tf:
-                _index_tar(tf, tar_path, s, n, shard, offset, size, is_jpeg, labels)
-        except tarfile.TarError as e:
-            raise StoreError(f"{tar_path}: unreadable webdataset shard ({e}); re-run the "
-                             f"conversion") from e
-    if (shard < 0).any():
-        missing = np.flatnonzero(shard < 0)
-        raise StoreError(f"{store.root}: the webdataset shards lack {missing.size} of {n} samples "
-                         f"(first: {missing[:5].tolist()}); re-run the conversion")
-    bad_label = labels.min() < 0 or labels.max() >= store.num_classes
-    if bad_label or np.bincount(labels, minlength=store.num_classes).tolist() != list(
-            store.manifest["class_counts"]):
-        raise StoreError(f"{store.root}: labels in the webdataset shards do not match the "
-                         f"manifest's class_counts; re-run the conversion")
-    return ShardIndex(tars, shard, offset, size, is_jpeg, labels)
-
-
-def _index_tar(tf: tarfile.TarFile, tar_path, s: int, n: int, shard, offset, size, is_jpeg,
-               labels) -> None:
-    """Record the samples of one shard in the index arrays (see index_shards)."""
-    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-    for m in tf:
-        if m.isfile():
-            base = os.path.basename(m.name)
-            key, _, ext = base.partition(".")  # webdataset: key = up to the first dot
-            samples.setdefault(os.path.join(os.path.dirname(m.name), key), {})[ext] = m
-    for key, members in samples.items():
-        img_ext = next((e for e in _IMAGE_EXTS if e in members), None)
-        if img_ext is None or "cls" not in members or "index" not in members:
-            raise StoreError(f"{tar_path}: sample {key!r} lacks an image/.cls/.index "
-                             f"member (has {sorted(members)}); re-run the conversion")
-        try:
-            i = int(tf.extractfile(members["index"]).read())
-            label = int(tf.extractfile(members["cls"]).read())
-        except ValueError as e:
-            raise StoreError(f"{tar_path}: sample {key!r} has a non-integer .index/.cls "
-                             f"({e}); re-run the conversion") from e
-        if not 0 <= i < n or shard[i] != -1:
-            raise StoreError(f"{tar_path}: sample {key!r} has index {i}, out of range "
-                             f"[0, {n}) or duplicated; re-run the conversion")
-        m = members[img_ext]
-        shard[i], offset[i], size[i] = s, m.offset_data, m.size
-        is_jpeg[i], labels[i] = img_ext != "png", label
 
 
 # --------------------------------------------------------------------------- one view

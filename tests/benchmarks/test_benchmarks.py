@@ -32,11 +32,11 @@ BASE = result(
     e2e={"student_kd.val_ece": fig(0.10, "", higher=False, scope="quality", min_change=0.005)})
 
 
-def run_compare(tmp_path, capsys, base, new, threshold="5%"):
+def run_compare(tmp_path, capsys, base, new, threshold="5%", *extra):
     (tmp_path / "base.json").write_text(json.dumps(base))
     (tmp_path / "new.json").write_text(json.dumps(new))
     rc = bench_cli(["compare", str(tmp_path / "base.json"), str(tmp_path / "new.json"),
-                    "--threshold", threshold])
+                    "--threshold", threshold, *extra])
     return rc, capsys.readouterr().out
 
 
@@ -109,16 +109,61 @@ def test_different_settings_do_not_gate(tmp_path, capsys):
     assert rc == 0 and "settings differ" in out
 
 
-def test_missing_figures_and_suites_are_reported(tmp_path, capsys):
+def vanished_run():
+    """BASE with one figure and the whole e2e suite gone (it crashed), one figure added."""
     new = copy.deepcopy(BASE)
     del new["benchmarks"]["step"]["kd_cached_over_ce"]
     new["benchmarks"]["step"]["extra"] = fig(2.0)
     del new["benchmarks"]["e2e"]
     new["suites"]["e2e"] = {"error": "exit code 1"}
-    rc, out = run_compare(tmp_path, capsys, BASE, new)
-    assert rc == 0
+    return new
+
+
+def missing_line(out):
+    return next((line for line in out.splitlines() if line.lower().startswith("missing in new")), "")
+
+
+def test_missing_figures_and_suites_fail_the_gate(tmp_path, capsys):
+    rc, out = run_compare(tmp_path, capsys, BASE, vanished_run())
+    assert rc == 1  # a vanished suite or figure is a failure of the gate
     assert "step/kd_cached_over_ce" in out and "missing in NEW" in out
     assert "new figure" in out and "suite missing in NEW (exit code 1)" in out
+    line = missing_line(out)  # every vanished one is named on the verdict line
+    assert line.startswith("MISSING in NEW") and "--allow-missing" in line
+    assert "step/kd_cached_over_ce" in line and "e2e/*" in line and "step/extra" not in line
+    assert "no gated figure regressed" not in out
+    # one vanished figure alone fails too, and so does one vanished suite alone
+    only_fig = copy.deepcopy(BASE)
+    del only_fig["benchmarks"]["e2e"]["student_kd.val_ece"]
+    rc, out = run_compare(tmp_path, capsys, BASE, only_fig)
+    assert rc == 1 and "e2e/student_kd.val_ece" in missing_line(out)
+    only_suite = copy.deepcopy(BASE)
+    del only_suite["benchmarks"]["step"]
+    rc, out = run_compare(tmp_path, capsys, BASE, only_suite)
+    assert rc == 1 and "step/*" in missing_line(out)
+
+
+def test_allow_missing_lists_but_passes(tmp_path, capsys):
+    rc, out = run_compare(tmp_path, capsys, BASE, vanished_run(), "5%", "--allow-missing")
+    assert rc == 0
+    line = missing_line(out)
+    assert "allowed by --allow-missing" in line
+    assert "step/kd_cached_over_ce" in line and "e2e/*" in line
+    assert "no gated figure regressed" in out
+    # it excuses only what vanished: a regression of what remains still fails
+    new = vanished_run()
+    new["benchmarks"]["step"]["ce.images_per_sec"]["median"] *= 0.5
+    rc, out = run_compare(tmp_path, capsys, BASE, new, "5%", "--allow-missing")
+    assert rc == 1 and "step/ce.images_per_sec" in regressed_line(out)
+
+
+def test_new_suites_and_figures_never_fail(tmp_path, capsys):
+    new = copy.deepcopy(BASE)
+    new["benchmarks"]["step"]["extra"] = fig(2.0)
+    new["benchmarks"]["convert"] = {"images_per_sec": fig(50.0, "images/s", scope="absolute")}
+    rc, out = run_compare(tmp_path, capsys, BASE, new)
+    assert rc == 0 and "new figure" in out and "suite missing in BASE" in out
+    assert "suites only in NEW (not gated): convert/*" in out and not missing_line(out)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, capsys):

@@ -199,8 +199,9 @@ def tiny_checkpoint(cifar_stores, tmp_path_factory):
     evaluation resizes the 32 px (corrupted) images to 16 px."""
     cfg = Config()
     cfg.run = replace(cfg.run, name="c", out_dir=str(tmp_path_factory.mktemp("runs")), progress=False)
-    cfg.data = replace(cfg.data, train_store=str(cifar_stores["train"]), val_store=str(cifar_stores["test"]),
-                       batch_size=50, eval_batch_size=64, num_workers=0, teacher_resolution=16,
+    cfg.data = replace(cfg.data, train_store=str(cifar_stores["train"]), val_store=str(cifar_stores["val"]),
+                       test_store=str(cifar_stores["test"]), batch_size=50, eval_batch_size=64, num_workers=0,
+                       teacher_resolution=16,
                        num_views=2)
     cfg.model = replace(cfg.model, teacher="resnet8")
     cfg.optim = replace(cfg.optim, epochs=2, lr=0.05)
@@ -213,9 +214,9 @@ def test_native_images_are_the_stored_pixels(tiny_checkpoint):
     from dataset_tools.stores.layout import open_store
 
     cfg, _ = tiny_checkpoint
-    with jobs._eval_loader(cfg, cfg.data.val_store, 32, torch.device("cpu")) as loader:
+    with jobs._eval_loader(cfg, "test", 32, torch.device("cpu")) as loader:
         imgs, labels, idx = D.read_native_images(loader, limit=25)
-    store = open_store(cfg.data.val_store)
+    store = open_store(cfg.data.test_store)
     shards = index_shards(store)
     assert len(idx) == 25 and sorted(np.bincount(labels).tolist()) == [2] * 5 + [3] * 5
     for k in (0, 11, 24):
@@ -230,7 +231,7 @@ def test_native_images_are_the_stored_pixels(tiny_checkpoint):
         assert mine.tolist() == np.flatnonzero(shards.labels == c)[:len(mine)].tolist()
     for backend in ("ffcv", "dali"):  # every backend reads the same pixels
         other = replace(cfg, data=replace(cfg.data, backend=backend))
-        with jobs._eval_loader(other, cfg.data.val_store, 32, torch.device("cpu")) as loader:
+        with jobs._eval_loader(other, "test", 32, torch.device("cpu")) as loader:
             b_imgs, _, b_idx = D.read_native_images(loader, limit=25)
         assert np.array_equal(b_idx, idx) and np.array_equal(b_imgs, imgs), backend
 
@@ -249,6 +250,7 @@ def test_cli_evaluate_corruptions(tiny_checkpoint, capsys):
     cfg, ckpt = tiny_checkpoint
     args = ["evaluate", "--corruptions", "--corruption-limit", "30", "--checkpoint", str(ckpt),
             f"data.train_store={cfg.data.train_store}", f"data.val_store={cfg.data.val_store}",
+            f"data.test_store={cfg.data.test_store}",
             "data.num_workers=0", "data.eval_batch_size=64", "run.progress=false"]
     assert cli(args) == 0
     printed = capsys.readouterr().out

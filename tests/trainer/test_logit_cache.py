@@ -1,4 +1,5 @@
-"""Teacher-logit cache: round trip, fingerprint mismatch, resume after kill -9."""
+"""Teacher-target cache: round trip (logits and features), fingerprint mismatch,
+old-format caches, resume after kill -9."""
 from __future__ import annotations
 
 import os
@@ -8,13 +9,14 @@ import sys
 import textwrap
 import time
 
+import h5py
 import numpy as np
 import pytest
 import torch
 
 from trainer.distill.logit_cache import CacheError, CacheKey, LogitCache, fill_cache
 
-N, K, C, B = 50, 3, 7, 8
+N, K, C, B, D = 50, 3, 7, 8, 5
 
 
 def key(**kw):
@@ -29,17 +31,31 @@ def true_logits(v):
     return (g.standard_normal((N, C)) * 5).astype(np.float32)
 
 
-def batches(v, calls=None):
+def true_features(v):
+    """A tiny deterministic fake teacher's pooled penultimate embedding (ReLU'd, so >= 0)."""
+    g = np.random.default_rng(1000 + v)
+    return np.maximum(g.standard_normal((N, D)) * 3, 0).astype(np.float32)
+
+
+def batches(v, calls=None, features=False):
     order = np.random.default_rng(100 + v).permutation(N)  # any deterministic order works
-    table = true_logits(v)
+    table, ftable = true_logits(v), true_features(v)
     for s in range(0, N, B):
         idx = order[s:s + B]
 
-        def compute(idx=idx):
+        def compute(idx=idx, s=s):
             if calls is not None:
                 calls.append((v, s))
-            return table[idx]
+            return (table[idx], ftable[idx]) if features else table[idx]
         yield idx, compute
+
+
+def fbatches(v, calls=None):
+    return batches(v, calls, features=True)
+
+
+def exact(fn):
+    return torch.from_numpy(np.stack([fn(v) for v in range(K)], axis=1))
 
 
 def test_round_trip_and_lookup(tmp_path):
@@ -63,6 +79,96 @@ def test_float16_error_is_measured_and_bounded(tmp_path):
     assert err == pytest.approx(cache.fp16_max_abs_error)
     # float16 has 11 significant bits: relative error <= 2^-11 of the magnitude
     assert 0 < err <= exact.abs().max().item() * 2 ** -11
+
+
+def test_features_round_trip_and_lookup(tmp_path):
+    path = fill_cache(tmp_path / "c.h5", key(), N, C, K, fbatches, dtype="float32", feature_dim=D)
+    cache = LogitCache.open(path, key())
+    assert cache.feature_dim == D and cache.features.shape == (N, K, D)
+    assert cache.features_fp16_max_abs_error == 0.0
+    assert cache.require_features() is cache
+    idx = torch.tensor([0, 5, 49, 5])
+    vid = torch.tensor([0, 2, 1, 1])
+    got = cache.lookup_features(idx, vid)
+    assert got.dtype == torch.float32 and got.shape == (4, D)
+    want = torch.stack([torch.from_numpy(true_features(v)[i]) for i, v in zip(idx.tolist(), vid.tolist())])
+    assert torch.equal(got, want)
+    assert torch.equal(cache.logits, exact(true_logits))  # logits unaffected by storing features
+    with h5py.File(path, "r") as f:
+        assert f.attrs["format_version"] == 2 and f.attrs["feature_dim"] == D
+        assert f["features"].shape == (N, K, D) and f["features"].dtype == np.float32
+
+
+def test_features_float16_error_is_measured_and_bounded(tmp_path):
+    path = fill_cache(tmp_path / "c.h5", key(), N, C, K, fbatches, feature_dim=D)
+    cache = LogitCache.open(path, key())
+    assert cache.features.dtype == torch.float16
+    want = exact(true_features)
+    err = (cache.features.float() - want).abs().max().item()
+    assert err == pytest.approx(cache.features_fp16_max_abs_error)
+    assert 0 < err <= want.abs().max().item() * 2 ** -11
+    idx, vid = torch.arange(N), torch.arange(N) % K
+    rows = cache.lookup_features(idx, vid)
+    assert (rows - want[idx, vid]).abs().max().item() <= cache.features_fp16_max_abs_error
+    logit_err = (cache.logits.float() - exact(true_logits)).abs().max().item()
+    assert logit_err == pytest.approx(cache.fp16_max_abs_error)
+
+
+def test_cache_without_features(tmp_path):
+    path = fill_cache(tmp_path / "c.h5", key(), N, C, K, batches)
+    cache = LogitCache.open(path, key())
+    assert cache.features is None and cache.feature_dim == 0
+    with h5py.File(path, "r") as f:
+        assert "features" not in f and f.attrs["feature_dim"] == 0
+    with pytest.raises(CacheError, match="re-run 'python -m trainer cache --config"):
+        cache.lookup_features(torch.tensor([0]), torch.tensor([0]))
+
+
+def test_old_format_cache_opens_without_features(tmp_path):
+    path = tmp_path / "old.h5"
+    with h5py.File(path, "w") as h:  # format 1: logits only
+        h.create_dataset("logits", data=exact(true_logits).numpy().astype(np.float16))
+        h.attrs["format_version"] = 1
+        h.attrs["key"] = key().to_json()
+        h.attrs["fp16_max_abs_error"] = 0.001
+        h.attrs["dtype"] = "float16"
+    cache = LogitCache.open(path, key())
+    assert cache.logits.shape == (N, K, C) and cache.fp16_max_abs_error == 0.001
+    assert cache.features is None and cache.feature_dim == 0
+    with pytest.raises(CacheError) as e:
+        cache.require_features()
+    msg = str(e.value)
+    assert str(path) in msg and "no teacher features" in msg
+    assert "delete" in msg and "python -m trainer cache --config" in msg
+
+
+def test_feature_shape_and_return_type_errors(tmp_path):
+    with pytest.raises(CacheError, match="feature_dim"):
+        fill_cache(tmp_path / "a.h5", key(), N, C, K, fbatches, feature_dim=D + 1)
+    with pytest.raises(CacheError, match=r"must return \(logits"):
+        fill_cache(tmp_path / "b.h5", key(), N, C, K, batches, feature_dim=D)
+    with pytest.raises(CacheError, match="pass feature_dim"):
+        fill_cache(tmp_path / "c.h5", key(), N, C, K, fbatches)
+
+
+def test_parts_of_another_feature_dim_are_discarded(tmp_path):
+    path = tmp_path / "c.h5"
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupted(v):
+        for i, item in enumerate(batches(v)):
+            if i == 2:
+                raise Interrupt
+            yield item
+
+    with pytest.raises(Interrupt):
+        fill_cache(path, key(), N, C, K, interrupted)  # logits-only parts on disk
+    calls = []
+    fill_cache(path, key(), N, C, K, lambda v: fbatches(v, calls), dtype="float32", feature_dim=D)
+    assert len(calls) == K * -(-N // B)  # nothing reused: those parts had no features
+    assert torch.equal(LogitCache.open(path).features, exact(true_features))
 
 
 @pytest.mark.parametrize("field,value", [("teacher_hash", "sha256:other"),
@@ -89,20 +195,22 @@ def test_resume_skips_finished_parts(tmp_path):
         pass
 
     def interrupted(v):
-        for i, item in enumerate(batches(v)):
+        for i, item in enumerate(fbatches(v)):
             if v == 1 and i == 3:
                 raise Interrupt
             yield item
 
     with pytest.raises(Interrupt):
-        fill_cache(path, key(), N, C, K, interrupted)
+        fill_cache(path, key(), N, C, K, interrupted, feature_dim=D)
     assert not path.exists()  # nothing that looks complete
     calls = []
-    fill_cache(path, key(), N, C, K, lambda v: batches(v, calls))
+    fill_cache(path, key(), N, C, K, lambda v: fbatches(v, calls), feature_dim=D)
     batches_per_view = -(-N // B)
     assert len(calls) == K * batches_per_view - (batches_per_view + 3)  # view 0 + 3 batches reused
-    ref = fill_cache(tmp_path / "ref.h5", key(), N, C, K, batches)
+    ref = fill_cache(tmp_path / "ref.h5", key(), N, C, K, fbatches, feature_dim=D)
     assert torch.equal(LogitCache.open(path).logits, LogitCache.open(ref).logits)
+    assert torch.equal(LogitCache.open(path).features, LogitCache.open(ref).features)
+    assert path.read_bytes() == ref.read_bytes()
 
 
 def test_stale_parts_of_another_key_are_discarded(tmp_path):
@@ -118,17 +226,17 @@ def test_stale_parts_of_another_key_are_discarded(tmp_path):
 FILL_SCRIPT = textwrap.dedent("""
     import sys, time, numpy as np
     sys.path.insert(0, {tests!r})
-    from test_logit_cache import key, batches, N, C, K
+    from test_logit_cache import key, batches, N, C, K, D
     from trainer.distill.logit_cache import fill_cache
     slow = sys.argv[2] == "slow"
     def vb(v):
-        for idx, compute in batches(v):
+        for idx, compute in batches(v, features=True):
             def c(compute=compute):
                 if slow:
                     time.sleep(0.05)
                 return compute()
             yield idx, c
-    fill_cache(sys.argv[1], key(), N, C, K, vb)
+    fill_cache(sys.argv[1], key(), N, C, K, vb, feature_dim=D)
 """)
 
 
@@ -148,4 +256,7 @@ def test_kill_9_then_rerun_gives_identical_contents(tmp_path):
     subprocess.run([sys.executable, str(script), str(path), "fast"], check=True)
     ref = tmp_path / "ref.h5"
     subprocess.run([sys.executable, str(script), str(ref), "fast"], check=True)
-    assert torch.equal(LogitCache.open(path, key()).logits, LogitCache.open(ref, key()).logits)
+    a, b = LogitCache.open(path, key()), LogitCache.open(ref, key())
+    assert torch.equal(a.logits, b.logits)
+    assert a.feature_dim == D and torch.equal(a.features, b.features)
+    assert path.read_bytes() == ref.read_bytes()

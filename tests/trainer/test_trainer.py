@@ -16,31 +16,8 @@ from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.yaml_config import ConfigError, load_config
 from trainer.engine import Trainer
 from trainer.distill.logit_cache import CacheError
+from trainer.distill.terms import LossInputs
 from trainer.recipe import Config
-
-
-def make_cfg(stores, out_dir, **sections) -> Config:
-    cfg = Config()
-    cfg.run = replace(cfg.run, name="t", out_dir=str(out_dir), progress=False, seed=0)
-    cfg.data = replace(cfg.data, train_store=str(stores["train"]), val_store=str(stores["test"]),
-                       batch_size=50, eval_batch_size=100, num_workers=0, teacher_resolution=32,
-                       student_resolution=16, num_views=2)
-    cfg.model = replace(cfg.model, teacher="resnet8", student="resnet8")
-    cfg.optim = replace(cfg.optim, epochs=2, lr=0.05, schedule="cosine")
-    for name, kw in sections.items():
-        setattr(cfg, name, replace(getattr(cfg, name), **kw))
-    return cfg
-
-
-@pytest.fixture(scope="module")
-def teacher_run(cifar_stores, tmp_path_factory):
-    """A trained teacher, its temperature and a filled cache (shared by tests)."""
-    out = tmp_path_factory.mktemp("runs")
-    cfg = make_cfg(cifar_stores, out, optim=dict(epochs=4))
-    teacher = jobs.run_teacher(cfg)
-    calib = jobs.run_calibrate(cfg)
-    cache = jobs.run_cache(cfg)
-    return cfg, teacher, calib, cache
 
 
 def test_config_yaml_and_overrides(tmp_path):
@@ -73,8 +50,13 @@ def test_end_to_end_student_beats_chance(teacher_run, tmp_path):
     result = jobs.run_distill(student_cfg)
     assert result["val_top1"] > 0.25, result  # chance 0.10: a wide margin
     ev = jobs.run_evaluate(student_cfg, str(student_cfg.student_dir / "final.pt"))
-    assert ev["top1"] == pytest.approx(result["val_top1"])
+    assert (ev["split"], ev["store"]) == ("test", cfg.data.test_store) and ev["top1"] > 0.25
     assert ev["resolution"] == 16 and os.path.getsize(ev["reliability_diagram"]) > 1000
+    # evaluate and the training validation read the same pixels: pointed at the
+    # val split, evaluate reproduces the last validation
+    on_val = replace(student_cfg, data=replace(student_cfg.data, test_store=cfg.data.val_store))
+    assert jobs.run_evaluate(on_val, str(student_cfg.student_dir / "final.pt"))["top1"] == \
+        pytest.approx(result["val_top1"])
     lines = (student_cfg.student_dir / "log.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all("val_ece" in json.loads(x) for x in lines)
 
@@ -101,19 +83,81 @@ def test_cached_and_online_targets_agree_without_mixing(teacher_run, tmp_path):
                     run=replace(cfg.run, name="t32", out_dir=str(tmp_path)))
     cfg32 = replace(cfg32, distill=replace(cfg32.distill, teacher_checkpoint=str(cfg.teacher_checkpoint)))
     jobs.run_cache(cfg32)
-    cached = Trainer(replace(cfg32, loss=replace(cfg.loss, kd=1.0)), "student")
-    online = Trainer(replace(cfg32, distill=replace(cfg32.distill, targets="online"),
-                             loss=replace(cfg.loss, kd=1.0)), "student")
+    loss = replace(cfg.loss, kd=1.0, rkd=1.0, crd=1.0, crd_negatives=16)
+    cached = Trainer(replace(cfg32, loss=loss), "student")
+    online = Trainer(replace(cfg32, distill=replace(cfg32.distill, targets="online"), loss=loss), "student")
     try:
         online.train_loader.set_epoch(1)
         batch = next(iter(online.train_loader))
         assert batch.teacher is not None and batch.teacher.shape[-1] == 32
-        p_online, _ = online.targets(batch)
-        p_cached, _ = cached.targets(batch)
+        p_online, e_online = online.targets(batch)
+        p_cached, e_cached = cached.targets(batch)
         torch.testing.assert_close(p_cached, p_online, atol=1e-5, rtol=1e-4)
+        # the cache holds the teacher's penultimate embedding: RKD / CRD see what online mode sees
+        assert e_cached.shape == e_online.shape == (len(batch), online.targets.teacher_dim)
+        torch.testing.assert_close(e_cached, e_online, atol=1e-4, rtol=1e-4)
+        s_emb = torch.randn(len(batch), cached.criterion.crd.embed_s.linear.in_features)
+        cached.criterion.crd.load_state_dict(online.criterion.crd.state_dict())
+        for name in ("rkd", "crd"):
+            vals = []
+            for t, emb in ((cached, e_cached), (online, e_online)):
+                torch.manual_seed(0)  # the same CRD negatives
+                vals.append(t.criterion.terms[name](LossInputs(None, s_emb, None, teacher_emb=emb,
+                                                               indices=batch.indices)))
+            torch.testing.assert_close(vals[0], vals[1], atol=1e-4, rtol=1e-4)
     finally:
         cached.close()
         online.close()
+
+
+def test_splits_calibrated_teacher_and_temperature_choice(teacher_run, tmp_path):
+    """calibrate fits on val; the calibrated teacher is softened at T_cal * T; the
+    sweep trains on the cache, scores on val, follows its rule and is reused."""
+    cfg, teacher, calib, cache = teacher_run
+    assert (calib["split"], calib["store"]) == ("val", cfg.data.val_store)
+    assert calib["num_samples"] == 120  # 12 held-out images x 10 classes
+    t_cal = calib["temperature"]
+    cal = Trainer(replace(cfg, distill=replace(cfg.distill, calibrated_teacher=True),
+                          loss=replace(cfg.loss, kd=1.0, temperature=2.0)), "student")
+    try:
+        assert cal.targets.temperature == pytest.approx(2.0 * t_cal)
+    finally:
+        cal.close()
+    wrong = json.loads(cfg.temperature_file.read_text())
+    sweep_cfg = replace(cfg, run=replace(cfg.run, name="sw", out_dir=str(tmp_path)),
+                        distill=replace(cfg.distill, teacher_checkpoint=str(cfg.teacher_checkpoint)),
+                        loss=replace(cfg.loss, ce=0.1, kd=0.9, temperature="auto"),
+                        sweep=replace(cfg.sweep, temperatures=(1.0, 4.0), objectives=("teacher_smoothing",),
+                                      calibrated=(False, True), epochs=1))
+    sweep_cfg.teacher_dir.mkdir(parents=True)
+    (sweep_cfg.teacher_dir / "temperature.json").write_text(json.dumps({**wrong, "store": "elsewhere"}))
+    with pytest.raises(ValueError, match="not the validation split"):
+        jobs.run_distill(replace(sweep_cfg, loss=replace(sweep_cfg.loss, temperature=2.0),
+                                 distill=replace(sweep_cfg.distill, calibrated_teacher=True)))
+    (sweep_cfg.teacher_dir / "temperature.json").write_text(json.dumps(wrong))
+    import shutil
+    shutil.copy(cfg.cache_path, sweep_cfg.cache_path)
+    shutil.copy(cfg.cache_path.with_suffix(".json"), sweep_cfg.cache_path.with_suffix(".json"))
+    from trainer.sweep import choose, run_sweep
+    result = run_sweep(sweep_cfg)
+    assert len(result["runs"]) == 4 and result["split"] == "val" and result["store"] == cfg.data.val_store
+    assert result["choice"]["tag"] == choose(result["runs"], 0.01)["tag"]
+    assert os.path.getsize(result["plot"]) > 1000 and result["cost"]["train_images"] > 0
+    assert result["cost"]["online_teacher_seconds_estimate"] > result["cost"]["seconds"]
+    # distill with temperature=auto reuses the sweep (no sweep run is trained again)
+    import trainer.sweep as sweep_module
+    calls = []
+    real_fit = jobs._fit
+    jobs._fit = lambda c, role: calls.append(c.run.tag) or real_fit(c, role)
+    try:
+        out = jobs.run_distill(replace(sweep_cfg, run=replace(sweep_cfg.run, tag="auto")))
+    finally:
+        jobs._fit = real_fit
+    assert calls == ["auto"] and out["val_top1"] > 0
+    assert sweep_module.recipe_fingerprint(sweep_cfg) == result["recipe_fingerprint"]
+    final = load_checkpoint(sweep_cfg.run.root / "auto" / "final.pt")["config"]
+    assert final["loss"]["temperature"] == result["choice"]["temperature"]
+    assert final["distill"]["calibrated_teacher"] == result["choice"]["calibrated"]
 
 
 def test_stale_cache_and_incompatible_checkpoints_are_clear_errors(teacher_run, tmp_path):

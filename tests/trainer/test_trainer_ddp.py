@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 from trainer.checkpoint import unwrap, weights_hash
 from trainer.engine import Trainer
-from test_trainer import make_cfg
+from trainer_helpers import make_cfg
 
 
 def _free_port() -> int:
@@ -52,6 +52,7 @@ def test_two_process_ddp_steps_keep_replicas_identical(cifar_stores, tmp_path):
     assert r[0]["before"] == r[1]["before"]  # same seed, same init
     assert r[0]["after"] == r[1]["after"]  # gradients were all-reduced
     assert r[0]["after"] != r[0]["before"]
-    # each rank reads its own shard: disjoint, together the whole epoch (600 samples, batch 50)
+    # each rank reads its own shard: disjoint; 480 training samples (120 of the
+    # 600 are the held-out val split), 240 per rank, 4 full batches of 50 each
     assert not set(r[0]["seen"]) & set(r[1]["seen"])
-    assert len(set(r[0]["seen"]) | set(r[1]["seen"])) == 600
+    assert len(set(r[0]["seen"]) | set(r[1]["seen"])) == 2 * (240 // 50) * 50

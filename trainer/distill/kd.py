@@ -31,14 +31,26 @@ def kd_loss(student_logits: torch.Tensor, teacher_probs_t: torch.Tensor,
 
 @register("kd")
 class KDTerm(torch.nn.Module):
-    """``loss.kd``: KL from the teacher's distribution (already softened and,
-    under mixing, mixed by the targets strategy) to the student's."""
+    """``loss.kd``: KL from the teacher's distribution (softened at the teacher
+    temperature and, under mixing, mixed by :mod:`trainer.distill.targets`) to
+    the student's. ``loss.kd_objective`` sets the student's side:
+
+    * ``hinton``: the student at T as well, times T^2 (Hinton et al. 2015);
+      large T drives logit matching, so the student inherits the teacher's
+      sharpness;
+    * ``teacher_smoothing``: the student at T = 1 against the smoothed
+      teacher, ``KL(softmax(z_t / T) || softmax(z_s))``; large T hands the
+      student a higher-entropy target.
+    """
 
     needs = frozenset({"teacher_probs"})
 
     def __init__(self, cfg, dims):
         super().__init__()
-        self.temperature = cfg.temperature
+        if cfg.temperature == "auto":
+            raise ValueError("loss.temperature=auto must be resolved (by the sweep) before "
+                             "the loss is built")
+        self.student_temperature = float(cfg.temperature) if cfg.kd_objective == "hinton" else 1.0
 
     def forward(self, x: LossInputs) -> torch.Tensor:
-        return kd_loss(x.student_logits, x.teacher_probs, self.temperature)
+        return kd_loss(x.student_logits, x.teacher_probs, self.student_temperature)

@@ -1,18 +1,29 @@
-"""The teacher-logit cache: raw logits per (sample, view) in HDF5.
+"""The teacher-target cache: raw logits, and optionally the pooled penultimate
+embedding, per (sample, view) in HDF5.
 
 Filled once from full-resolution views (view 0 = whole image, views
 1..K-1 = the replayable crops of :mod:`pipelines.views`), so distillation
 reads teacher targets instead of running the teacher. Raw logits are stored
-(the temperature is applied at loss time) together with what they were
-derived from: the teacher weights hash, the dataset manifest fingerprint and
-the view configuration. Opening a cache with a different key is an error,
-never a silently stale target.
+(the temperature is applied at loss time). With ``feature_dim > 0`` the
+teacher's pooled penultimate features (``forward_features``' embedding) are
+stored beside them, because that is what the relational / contrastive losses
+(RKD, CRD) compare in online mode; a cache without them cannot stand in for
+the teacher there, and :meth:`LogitCache.require_features` says so instead of
+letting the logits pass for an embedding. Both arrays are stored in the cache
+dtype, and the measured float16 rounding error of each is recorded.
+
+A cache records what its targets were derived from: the teacher weights hash,
+the dataset manifest fingerprint and the view configuration (:class:`CacheKey`).
+Opening a cache with a different key is an error, never a silently stale
+target. Format 2 adds the optional ``features`` dataset; format 1 files
+(logits only) still open, as caches without features.
 
 Filling is resumable: each finished batch is written atomically as its own
 part file under ``<path>.parts/``; a rerun after ``kill -9`` skips finished
 parts and the final HDF5 is assembled from the parts (then renamed into
 place), so its contents equal an uninterrupted fill. HDF5 itself is not
-crash-safe, which is why partial progress does not live in it.
+crash-safe, which is why partial progress does not live in it. Parts written
+for another key or another layout (class count, feature dim) are discarded.
 """
 from __future__ import annotations
 
@@ -21,24 +32,29 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 import h5py
 import numpy as np
 import torch
 
 from dataset_tools.atomic import atomic_write_bytes
+from dataset_tools.errors import CqkdError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)  # 1: logits only
+
+# compute() returns logits [b, C], or (logits [b, C], features [b, D]) when feature_dim > 0
+Computed = Union[np.ndarray, tuple[np.ndarray, np.ndarray]]
 
 
-class CacheError(RuntimeError):
+class CacheError(CqkdError, RuntimeError):
     pass
 
 
 @dataclass(frozen=True)
 class CacheKey:
-    """Everything the cached logits depend on."""
+    """Everything the cached targets depend on."""
 
     teacher_hash: str
     data_fingerprint: str
@@ -59,10 +75,13 @@ class LogitCache:
     """A filled cache held in memory (on the training device when it fits)
     so lookups are one batched gather with no host synchronization."""
 
-    def __init__(self, path: Path, key: CacheKey, logits: torch.Tensor, fp16_max_abs_error: float):
+    def __init__(self, path: Path, key: CacheKey, logits: torch.Tensor, fp16_max_abs_error: float,
+                 features: Optional[torch.Tensor] = None, features_fp16_max_abs_error: float = 0.0):
         self.path, self.key = path, key
         self.logits = logits  # [N, K, C]
         self.fp16_max_abs_error = fp16_max_abs_error
+        self.features = features  # [N, K, D] or None
+        self.features_fp16_max_abs_error = features_fp16_max_abs_error
 
     @property
     def num_samples(self) -> int:
@@ -76,6 +95,10 @@ class LogitCache:
     def num_classes(self) -> int:
         return self.logits.shape[2]
 
+    @property
+    def feature_dim(self) -> int:
+        return 0 if self.features is None else self.features.shape[2]
+
     @classmethod
     def open(cls, path, expected: Optional[CacheKey] = None, device="cpu") -> "LogitCache":
         path = Path(path)
@@ -86,22 +109,44 @@ class LogitCache:
                              f"'python -m trainer cache --config ...'")
         try:
             with h5py.File(path, "r") as f:
-                if int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
+                version = int(f.attrs.get("format_version", -1))
+                if version not in READABLE_FORMAT_VERSIONS:
                     raise CacheError(f"{path}: cache format {f.attrs.get('format_version')}, "
-                                     f"expected {FORMAT_VERSION}; refill it")
+                                     f"expected one of {READABLE_FORMAT_VERSIONS}; refill it")
                 key = CacheKey(**json.loads(f.attrs["key"]))
                 logits = torch.from_numpy(f["logits"][...])
                 err = float(f.attrs["fp16_max_abs_error"])
+                features, ferr = None, 0.0
+                if version >= 2 and int(f.attrs.get("feature_dim", 0)) > 0:
+                    features = torch.from_numpy(f["features"][...])
+                    ferr = float(f.attrs["features_fp16_max_abs_error"])
+                    if features.shape[:2] != logits.shape[:2] or \
+                            features.shape[2] != int(f.attrs["feature_dim"]):
+                        raise CacheError(f"{path}: features {tuple(features.shape)} do not match "
+                                         f"logits {tuple(logits.shape)} / feature_dim "
+                                         f"{int(f.attrs['feature_dim'])}; delete it and refill")
         except OSError as e:
             raise CacheError(f"{path}: unreadable HDF5 cache ({e}); delete it and refill") from e
         if expected is not None and key != expected:
             diff = "; ".join(key.differences(expected))
             raise CacheError(f"{path}: logit cache is stale or for other data ({diff}); refill "
                              f"it with 'python -m trainer cache' or point to the matching cache")
-        return cls(path, key, logits.to(device), err)
+        return cls(path, key, logits.to(device), err,
+                   None if features is None else features.to(device), ferr)
 
     def to(self, device) -> "LogitCache":
         self.logits = self.logits.to(device)
+        if self.features is not None:
+            self.features = self.features.to(device)
+        return self
+
+    def require_features(self) -> "LogitCache":
+        """Raise :class:`CacheError` unless the cache stores teacher embeddings."""
+        if self.features is None:
+            raise CacheError(f"{self.path}: logit cache has no teacher features (filled by an older "
+                             f"version or without features), but RKD/CRD with cached targets need "
+                             f"the teacher's penultimate embedding; delete {self.path} and re-run "
+                             f"'python -m trainer cache --config ...' to refill it with features")
         return self
 
     def lookup(self, indices: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
@@ -109,62 +154,124 @@ class LogitCache:
         dev = self.logits.device
         return self.logits[indices.to(dev, non_blocking=True), view_ids.to(dev, non_blocking=True)].float()
 
+    def lookup_features(self, indices: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
+        """Float32 teacher embeddings ``[B, D]`` of the given (sample, view) pairs."""
+        feats = self.require_features().features
+        dev = feats.device
+        return feats[indices.to(dev, non_blocking=True), view_ids.to(dev, non_blocking=True)].float()
+
 
 def _part_path(parts: Path, view: int, batch: int) -> Path:
     return parts / f"v{view:04d}-b{batch:07d}.npz"
 
 
+def _checked(name: str, value, shape: tuple[int, int], hint: str) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float32)
+    if arr.shape != shape:
+        raise CacheError(f"teacher returned {name} of shape {arr.shape}, expected {shape}: {hint}")
+    if not np.isfinite(arr).all():
+        raise CacheError(f"teacher returned non-finite {name}; check the teacher checkpoint and "
+                         f"the autocast dtype")
+    return arr
+
+
+def _rounded(arr: np.ndarray, dtype: str, name: str) -> tuple[np.ndarray, float]:
+    """``arr`` in the cache dtype and the max abs error of that rounding."""
+    if dtype == "float32":
+        return arr, 0.0
+    stored = arr.astype(np.float16)
+    if not np.isfinite(stored).all():
+        raise CacheError(f"teacher {name} exceed the float16 range (max |x| = "
+                         f"{float(np.abs(arr).max()):.4g}); fill the cache with dtype float32")
+    return stored, float(np.abs(stored.astype(np.float32) - arr).max(initial=0.0))
+
+
 def fill_cache(path, key: CacheKey, num_samples: int, num_classes: int, num_views: int,
-               view_batches: Callable[[int], Iterable[tuple[np.ndarray, Callable[[], np.ndarray]]]],
-               dtype: str = "float16", progress: Optional[Callable[[int], None]] = None) -> Path:
+               view_batches: Callable[[int], Iterable[tuple[np.ndarray, Callable[[], Computed]]]],
+               dtype: str = "float16", progress: Optional[Callable[[int], None]] = None,
+               feature_dim: int = 0) -> Path:
     """Fill (or resume filling) the cache at ``path``.
 
     ``view_batches(v)`` yields, for view ``v``, ``(indices, compute)`` per batch
     in a deterministic order; ``compute()`` runs the teacher and returns float32
-    logits ``[B, C]``. It is only called for batches not already on disk.
+    logits ``[b, C]``, or with ``feature_dim > 0`` the tuple ``(logits [b, C],
+    features [b, D])`` (the pooled penultimate embedding). It is only called for
+    batches not already on disk.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"cache dtype must be float16 or float32, got {dtype!r}")
+    if feature_dim < 0:
+        raise ValueError(f"feature_dim must be >= 0, got {feature_dim}")
     path = Path(path)
     parts = Path(str(path) + ".parts")
-    key_file = parts / "key.json"
-    if parts.is_dir() and (not key_file.is_file() or key_file.read_text() != key.to_json()):
-        shutil.rmtree(parts)  # parts of another teacher/data/view config: start over
+    key_file, layout_file = parts / "key.json", parts / "layout.json"
+    layout = json.dumps({"num_classes": num_classes, "feature_dim": feature_dim}, sort_keys=True)
+    if parts.is_dir() and (not key_file.is_file() or key_file.read_text() != key.to_json()
+                           or not layout_file.is_file() or layout_file.read_text() != layout):
+        shutil.rmtree(parts)  # parts of another teacher/data/view config or layout: start over
     parts.mkdir(parents=True, exist_ok=True)
     if not key_file.is_file():
         atomic_write_bytes(key_file, lambda f: f.write(key.to_json().encode()))
+    if not layout_file.is_file():
+        atomic_write_bytes(layout_file, lambda f: f.write(layout.encode()))
 
     for v in range(num_views):
         for b, (indices, compute) in enumerate(view_batches(v)):
             part = _part_path(parts, v, b)
             if not part.is_file():
-                logits = np.asarray(compute(), dtype=np.float32)
                 idx = np.asarray(indices, dtype=np.int64)
-                if logits.shape != (len(idx), num_classes):
-                    raise CacheError(f"teacher returned logits of shape {logits.shape}, expected "
-                                     f"({len(idx)}, {num_classes}): wrong class count?")
-                atomic_write_bytes(part, lambda f: np.savez(f, indices=idx, logits=logits))
+                out = compute()
+                if feature_dim > 0:
+                    if not (isinstance(out, tuple) and len(out) == 2):
+                        raise CacheError("with feature_dim > 0, compute() must return "
+                                         "(logits [b, C], features [b, D])")
+                    arrays = {"logits": _checked("logits", out[0], (len(idx), num_classes),
+                                                 "wrong class count?"),
+                              "features": _checked("features", out[1], (len(idx), feature_dim),
+                                                   "wrong feature_dim?")}
+                else:
+                    if isinstance(out, tuple):
+                        raise CacheError("compute() returned a tuple; pass feature_dim=D to "
+                                         "fill_cache to store teacher features")
+                    arrays = {"logits": _checked("logits", out, (len(idx), num_classes),
+                                                 "wrong class count?")}
+                atomic_write_bytes(part, lambda f, idx=idx, arrays=arrays: np.savez(f, indices=idx, **arrays))
             if progress:
                 progress(len(indices))
 
-    full = np.full((num_samples, num_views, num_classes), np.nan, dtype=np.float32)
+    # Assemble directly in the cache dtype (no float32 copy of the whole cache).
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    logits = np.zeros((num_samples, num_views, num_classes), dtype=np_dtype)
+    features = np.zeros((num_samples, num_views, feature_dim), dtype=np_dtype) if feature_dim else None
+    filled = np.zeros((num_samples, num_views), dtype=bool)
+    err = {"logits": 0.0, "features": 0.0}
     for v in range(num_views):
         for part in sorted(parts.glob(f"v{v:04d}-b*.npz")):
             with np.load(part, allow_pickle=False) as z:
-                full[z["indices"], v] = z["logits"]
-    if np.isnan(full).any():
-        missing = int(np.isnan(full).any(axis=2).sum())
+                idx = z["indices"]
+                for name, dest in (("logits", logits), ("features", features)):
+                    if dest is None:
+                        continue
+                    stored, e = _rounded(z[name], dtype, name)
+                    dest[idx, v] = stored
+                    err[name] = max(err[name], e)
+                filled[idx, v] = True
+    if not filled.all():
+        missing = int((~filled).sum())
         raise CacheError(f"{parts}: {missing} (sample, view) rows were never filled; the loader "
                          f"must visit every sample once per view (drop_last=False, no sharding)")
-    stored = full.astype(np.float16) if dtype == "float16" else full
-    fp16_err = float(np.abs(stored.astype(np.float32) - full).max())
 
     def write(f):
         with h5py.File(f, "w") as h:
-            h.create_dataset("logits", data=stored, chunks=(min(1024, num_samples), num_views, num_classes))
+            h.create_dataset("logits", data=logits, chunks=(min(1024, num_samples), num_views, num_classes))
+            if features is not None:
+                h.create_dataset("features", data=features,
+                                 chunks=(min(1024, num_samples), num_views, feature_dim))
             h.attrs["format_version"] = FORMAT_VERSION
             h.attrs["key"] = key.to_json()
-            h.attrs["fp16_max_abs_error"] = fp16_err
+            h.attrs["fp16_max_abs_error"] = err["logits"]
+            h.attrs["feature_dim"] = feature_dim
+            h.attrs["features_fp16_max_abs_error"] = err["features"]
             h.attrs["dtype"] = dtype
 
     atomic_write_bytes(path, write)

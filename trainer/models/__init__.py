@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List
 
+from dataset_tools.errors import CqkdError
 from trainer.models import cifar_resnet, imagenet, mobilenetv2, shufflenetv1, vgg, wrn
 from trainer.models.base import DistillModel
 
@@ -38,6 +39,17 @@ _IMAGENET: Dict[str, Callable[..., DistillModel]] = {
     "mobilenet_v3_large": imagenet.mobilenet_v3_large,
 }
 _REGISTRY = {**_CIFAR, **_IMAGENET}
+
+
+class ModelError(CqkdError, KeyError):
+    """An unknown model name (``model.teacher`` / ``model.student`` or a
+    checkpoint's ``arch``); the message lists the valid names. Still a
+    ``KeyError`` for code that caught the old error."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message (quotes)
+        return str(self.args[0]) if self.args else ""
+
+
 # RepDistiller's spellings of the two mobile students
 _ALIASES = {"mobile_half": "mobilenetv2", "shufflev1": "shufflenetv1"}
 
@@ -54,7 +66,9 @@ def _canonical(name: str) -> str:
     key = name.lower()
     key = _ALIASES.get(key, key)
     if key not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; valid names: {', '.join(list_models())}")
+        raise ModelError(f"unknown model {name!r}; valid names: {', '.join(list_models())} "
+                         f"(aliases: {', '.join(sorted(_ALIASES))}); fix model.teacher / "
+                         f"model.student in the config")
     return key
 
 
@@ -71,4 +85,4 @@ def create_model(name: str, num_classes: int, **kw) -> DistillModel:
     return _REGISTRY[key](num_classes=num_classes, **kw)
 
 
-__all__ = ["DistillModel", "create_model", "list_models", "is_imagenet_model"]
+__all__ = ["DistillModel", "ModelError", "create_model", "list_models", "is_imagenet_model"]

@@ -1,0 +1,78 @@
+"""Teacher targets, one strategy per ``distill.targets`` mode.
+
+Each strategy turns a (possibly mixed) batch into ``(teacher_probs,
+teacher_emb)``: the teacher's distribution at the teacher temperature and its
+penultimate embedding, both mixed like the batch.
+
+* ``none``: no teacher (supervised student).
+* ``cached``: rows of the teacher cache (:mod:`trainer.distill.logit_cache`)
+  for the batch's (sample, view) pairs. The teacher never saw the mixed
+  image, so the mixed target is an approximation (``distill.cached_mix``):
+  ``probs`` mixes the per-sample distributions like the labels (the default),
+  ``logits`` mixes the logits before the softmax. Embeddings are the cached
+  penultimate features, mixed linearly like the labels; RKD/CRD refuse a
+  cache without them, so cached and online RKD/CRD train the same method.
+* ``online``: the teacher runs on the mixed full-resolution view (exact).
+
+The teacher temperature is ``T_cal * T`` with the calibrated teacher
+(``distill.calibrated_teacher``: its logits divided by the temperature fitted
+on the validation split, then smoothed at ``T``) and ``T`` otherwise.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Optional
+
+import torch
+
+from trainer.distill.kd import teacher_probs
+
+MIX_MODES = ("probs", "logits")
+
+
+class NoTargets:
+    teacher_dim = 0
+
+    def __call__(self, batch):
+        return None, None
+
+
+class CachedTargets:
+    """Targets from a filled cache; ``need_features`` when RKD/CRD are on."""
+
+    def __init__(self, cache, temperature: float, mix_mode: str = "probs", need_features: bool = False):
+        if mix_mode not in MIX_MODES:
+            raise ValueError(f"distill.cached_mix must be one of {MIX_MODES}, got {mix_mode!r}")
+        if need_features:
+            cache.require_features()
+        self.cache, self.temperature, self.mix_mode = cache, float(temperature), mix_mode
+        self.need_features = need_features
+        self.teacher_dim = cache.feature_dim if need_features else cache.num_classes
+
+    def __call__(self, batch):
+        logits = self.cache.lookup(batch.indices, batch.view_ids)
+        emb = self.cache.lookup_features(batch.indices, batch.view_ids) if self.need_features else None
+        mix = batch.mix
+        if mix is None:
+            return teacher_probs(logits, self.temperature), emb
+        if emb is not None:
+            emb = mix.mix_targets(emb)
+        if self.mix_mode == "logits":
+            return teacher_probs(mix.mix_targets(logits), self.temperature), emb
+        return mix.mix_targets(teacher_probs(logits, self.temperature)), emb
+
+
+class OnlineTargets:
+    """The teacher runs on ``batch.teacher`` (the mixed full-resolution view)."""
+
+    def __init__(self, teacher: torch.nn.Module, temperature: float,
+                 autocast: Optional[Callable] = None):
+        self.teacher, self.temperature = teacher.eval(), float(temperature)
+        self.autocast = autocast or nullcontext
+        self.teacher_dim = teacher.feature_dim
+
+    @torch.no_grad()
+    def __call__(self, batch):
+        with self.autocast():
+            emb, logits = self.teacher.forward_features(batch.teacher)
+        return teacher_probs(logits.float(), self.temperature), emb.float()
