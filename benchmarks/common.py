@@ -80,9 +80,8 @@ class PeakRSS:
 
     Listing the descendants scans every process of the machine (~1.2 ms, with
     the GIL held), so it is done every ``refresh_s``; each ``interval_s`` poll
-    only reads the listed processes' RSS. Listing at every 50 ms poll slowed
-    the fastest loader (low-res FFCV, 2 cores) by 3-30 % in five interleaved
-    A/B pairs (noisy; 99-119k against 103-136k img/s)."""
+    only reads the listed processes' RSS: listing at every poll would slow
+    the fastest loaders it measures (docs/design/benchmarks.md)."""
 
     def __init__(self, interval_s: float = 0.05, refresh_s: float = 1.0):
         self.interval_s, self.refresh_s, self.peak_bytes = interval_s, refresh_s, 0

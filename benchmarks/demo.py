@@ -177,9 +177,32 @@ def prepare(cfg: Config, args, times: dict) -> dict:
         timed("teacher", times, jobs.run_teacher, cfg)
     if not cfg.temperature_file.is_file() or json.loads(cfg.temperature_file.read_text()).get("split") != "val":
         timed("calibrate", times, jobs.run_calibrate, cfg)
-    if not cfg.cache_path.is_file() or not cfg.cache_path.with_suffix(".json").is_file():
+    if not cache_is_current(cfg):
         timed("cache", times, jobs.run_cache, cfg)
     return json.loads(cfg.temperature_file.read_text())
+
+
+def cache_is_current(cfg: Config) -> bool:
+    """Whether the run's teacher cache exists with its fill record and the key
+    this recipe, teacher and machine expect (else it is removed, to be refilled)."""
+    import torch
+
+    from trainer.data import cache_key
+    from trainer.distill.logit_cache import CacheError, LogitCache, remove_cache
+    from trainer.engine import amp_dtype
+
+    if not cfg.cache_path.is_file() or not cfg.cache_path.with_suffix(".json").is_file():
+        return False
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    key = cache_key(cfg, load_checkpoint(cfg.teacher_checkpoint)["weights_hash"],
+                    open_store(cfg.data.train_store).fingerprint, device=device, amp=amp_dtype(cfg, device))
+    try:
+        LogitCache.open(cfg.cache_path, key)
+        return True
+    except CacheError as e:
+        print(f"teacher cache: filling again ({str(e).splitlines()[0]})")
+        remove_cache(cfg.cache_path)
+        return False
 
 
 def train_student(cfg: Config, tag: str, overrides: dict, times: dict) -> dict:

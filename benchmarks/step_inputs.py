@@ -123,8 +123,9 @@ def write_synthetic_teacher_and_cache(s: StepSettings, cfg) -> None:
     """A randomly initialised teacher checkpoint and a cache of random logits
     keyed to it, through the trainer's own writers."""
     from trainer.checkpoint import save_checkpoint, weights_hash
-    from trainer.engine import cache_key
+    from trainer.data import cache_key
     from trainer.distill.logit_cache import fill_cache
+    from trainer.engine import amp_dtype, setup_distributed
     from trainer.models import create_model
 
     torch.manual_seed(s.seed)
@@ -140,8 +141,10 @@ def write_synthetic_teacher_and_cache(s: StepSettings, cfg) -> None:
         idx = np.arange(s.num_samples)
         yield idx, lambda: (3 * rng.standard_normal((s.num_samples, s.num_classes))).astype(np.float32)
 
-    fill_cache(cfg.cache_path, cache_key(cfg, whash, fingerprint), s.num_samples, s.num_classes,
-               s.num_views, view_batches, dtype=s.cache_dtype)
+    device = setup_distributed(cfg)  # where the Trainer will look the rows up
+    key = cache_key(cfg, whash, fingerprint, device=device, amp=amp_dtype(cfg, device))
+    fill_cache(cfg.cache_path, key, s.num_samples, s.num_classes, s.num_views, view_batches,
+               dtype=s.cache_dtype)
 
 
 def mode_config(cfg, mode: str):

@@ -9,9 +9,9 @@ drop_last. No ``Batch``: no indices, boxes or view ids.
 
 Our ``reference`` backend is the semantic oracle, and it is a tuned
 torchvision pipeline (memory-mapped shards instead of one file open per image,
-uint8 tensor resize, forked workers with one thread each), measured
-1.16-1.4x faster than this one on imagenette-224 -> 32 px here. This variant shows
-what a user's starting point costs; the issue's target ratios are stated
+uint8 tensor resize, forked workers with one thread each), faster than this
+one (figures: docs/results.md). This variant shows what a user's starting
+point costs; the issue's target ratios are stated
 against ``reference``.
 """
 from __future__ import annotations

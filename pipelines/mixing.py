@@ -18,9 +18,8 @@ edge is ``round_half_up(edge_px * H / h)``, done in integer arithmetic. When
 ``H/h`` and ``W/w`` are integers this is the same box in whole pixels and the
 kept fraction is identical on both views. Otherwise the teacher's box can be
 up to half a teacher pixel off on each edge, so its kept fraction can differ
-from ``lam`` by at most :func:`teacher_lam_bound` (``< 1/H + 1/W + 1/(H*W)``);
-measured maxima over random CutMix boxes (tests/test_mixing.py): 0.036 for
-16->24 px (bound 0.085), 0.0035 for 24->224 px (bound 0.0090).
+from ``lam`` by at most :func:`teacher_lam_bound` (``< 1/H + 1/W + 1/(H*W)``;
+checked in tests/test_mixing.py, measured maxima in docs/design/loaders.md).
 :func:`kept_fraction` gives the teacher's exact value if it is needed. ``lam``
 is always the exact kept fraction on the student grid (after clipping),
 ``1 - box_pixels / (h * w)``, as in timm's ``correct_lam``.

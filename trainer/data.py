@@ -20,8 +20,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
+
 from pipelines.loader import LoaderConfig
 from pipelines.views import ViewConfig
+from trainer.distill.logit_cache import CacheKey
 
 PURPOSES = ("train", "cache", "val", "test")
 
@@ -56,3 +59,15 @@ def loader_config(cfg, purpose: str, device, role: str = "student", resolution: 
 def view_config(cfg) -> ViewConfig:
     """The training views of the recipe (what the teacher cache is keyed by)."""
     return loader_config(cfg, "cache", "cpu").view_config()
+
+
+def cache_key(cfg, teacher_hash: str, fingerprint: str, device="cpu", amp=None) -> CacheKey:
+    """The teacher-cache key of this recipe on ``device`` with autocast dtype
+    ``amp`` (None: float32): every setting that changes the cached rows."""
+    lc = loader_config(cfg, "cache", device)
+    return CacheKey(teacher_hash=teacher_hash, data_fingerprint=fingerprint, views=lc.view_config().to_dict(),
+                    teacher_resolution=cfg.data.teacher_resolution,
+                    decode={"backend": lc.backend, "reduced_decode": bool(lc.reduced_decode),
+                            "channels_last": bool(lc.channels_last)},
+                    compute={"device": torch.device(device).type,
+                             "amp": str(amp).replace("torch.", "") if amp is not None else "float32"})

@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from pipelines.loader import create_loader
 from pipelines.mixing import Mixer
-from trainer.data import loader_config, view_config
+from trainer.data import cache_key, loader_config
 from trainer.evaluation.calibration import CalibrationMeter
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap, weights_hash
-from trainer.distill.logit_cache import CacheKey, LogitCache
+from trainer.distill.logit_cache import LogitCache
 from trainer.distill.loss import DistillLoss
 from trainer.distill.loss_config import LossConfig
 from trainer.distill.targets import CachedTargets, NoTargets, OnlineTargets
@@ -85,11 +85,6 @@ def load_teacher(cfg: Config, num_classes: int, device) -> tuple[torch.nn.Module
     model = create_model(cfg.model.teacher, num_classes, low_res_stem=cfg.model.teacher_low_res_stem)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["weights_hash"]
-
-
-def cache_key(cfg: Config, teacher_hash: str, fingerprint: str) -> CacheKey:
-    return CacheKey(teacher_hash=teacher_hash, data_fingerprint=fingerprint,
-                    views=view_config(cfg).to_dict(), teacher_resolution=cfg.data.teacher_resolution)
 
 
 def calibrated_temperature(cfg: Config, teacher_hash: str) -> float:
@@ -217,7 +212,7 @@ class Trainer:
         teacher_t = t_cal * self.temperature
         if rc.targets == "online":
             return OnlineTargets(teacher, teacher_t, self._autocast)
-        key = cache_key(cfg, whash, self.train_loader.store.fingerprint)
+        key = cache_key(cfg, whash, self.train_loader.store.fingerprint, device=self.device, amp=self.amp)
         cache = LogitCache.open(cfg.cache_path, key, device=self.device)
         return CachedTargets(cache, teacher_t, cfg.distill.cached_mix,
                              need_features=rc.loss.rkd > 0 or rc.loss.crd > 0)

@@ -19,10 +19,9 @@ from dataset_tools.atomic import write_json_atomic as write_json
 from dataset_tools.stores.layout import open_store
 from pipelines.loader import create_loader
 from trainer.checkpoint import load_checkpoint
-from trainer.data import loader_config
+from trainer.data import cache_key, loader_config
 from trainer.distill.logit_cache import LogitCache, fill_cache
-from trainer.engine import (Trainer, amp_dtype, cache_key, collect_logits, evaluate_model, load_teacher,
-                            setup_distributed)
+from trainer.engine import Trainer, amp_dtype, collect_logits, evaluate_model, load_teacher, setup_distributed
 from trainer.evaluation.calibration import calibration_metrics, reliability_diagram
 from trainer.evaluation.temperature import fit_temperature
 from trainer.models import create_model
@@ -95,7 +94,7 @@ def run_cache(cfg: Config) -> dict:
         raise ValueError("data.num_views must be >= 1 to fill a logit cache")
     store = open_store(d.train_store)
     teacher, whash = load_teacher(cfg, store.num_classes, device)
-    key = cache_key(cfg, whash, store.fingerprint)
+    key = cache_key(cfg, whash, store.fingerprint, device=device, amp=amp_dtype(cfg, device))
     autocast = _autocast_for(cfg, device)
     bar = tqdm(total=store.num_samples * d.num_views, desc="teacher logits", disable=not (cfg.run.progress and sys.stderr.isatty()))
     t0 = time.perf_counter()

@@ -18,7 +18,8 @@ and the sweep's cost next to what the same sweep would cost with the online
 teacher (the measured sweep time plus the teacher's measured forward time,
 from the cache fill, for every image the sweep students trained on);
 ``sweep.png`` plots validation top-1 and ECE against T. A sweep whose recipe
-(everything but the swept keys and the run's tag) is unchanged is reused.
+(everything but the swept keys, the run's tag and seed) is unchanged is
+reused: the sweep runs once, at the seed of the first run that needs it.
 """
 from __future__ import annotations
 
@@ -77,11 +78,13 @@ def apply_choice(cfg: Config, sweep: dict) -> Config:
                                    temperature_from_calibration=False))
 
 
-def recipe_fingerprint(cfg: Config) -> str:
-    """Hash of everything a sweep's result depends on: the recipe less the
-    swept keys and the settings that do not change results."""
+def recipe_fingerprint(cfg: Config, teacher_hash: str) -> str:
+    """Hash of everything a sweep's result depends on: the teacher's weights,
+    the recipe less the swept keys and the settings that do not change results."""
     d = json.loads(json.dumps(asdict(cfg), default=str))
-    for section, key in (("run", "tag"), ("run", "resume"), ("run", "progress"), ("run", "log_every"),
+    d["teacher_weights_hash"] = teacher_hash
+    # run.seed too: the sweep runs once, at the recipe's seed, and every seed reuses its choice
+    for section, key in (("run", "tag"), ("run", "seed"), ("run", "resume"), ("run", "progress"), ("run", "log_every"),
                          ("run", "checkpoint_every"), ("loss", "temperature"), ("loss", "kd_objective"),
                          ("distill", "calibrated_teacher"), ("distill", "temperature_from_calibration")):
         d[section].pop(key, None)
@@ -101,7 +104,9 @@ def run_sweep(cfg: Config) -> dict:
     if cfg.distill.targets != "cached":
         raise ValueError("the sweep trains from the teacher cache: set distill.targets=cached "
                          "(run 'python -m trainer cache' first)")
-    fp = recipe_fingerprint(cfg)
+    from trainer.checkpoint import load_checkpoint
+
+    fp = recipe_fingerprint(cfg, load_checkpoint(cfg.teacher_checkpoint)["weights_hash"])
     if cfg.sweep_file.is_file():
         old = json.loads(cfg.sweep_file.read_text())
         if old.get("recipe_fingerprint") == fp:

@@ -2,9 +2,9 @@
 
 ``import ffcv`` (any submodule runs the package's ``__init__``) loads its
 Loader, torch and numba: ~4 s of CPU per process. Convert workers start from
-a fork server (see ``dataset_tools.convert._parallel_map``), so each paid that
-before its first image: 500 images converted at 88 img/s with 2 workers,
-against 465-1,604 img/s with 1. They need only three small things from FFCV,
+a fork server (see ``dataset_tools.convert._parallel_map``), so each would
+pay that before its first image, more than a small conversion takes
+(measurements: docs/design/convert.md). They need only three small things from FFCV,
 which this module provides with OpenCV and ctypes alone:
 
 - :func:`resizer` and :func:`encode_jpeg`: FFCV 1.0.2's functions

@@ -13,10 +13,9 @@ format's end marker (JPEG EOI, PNG IEND), so the decoder stops before the
 padding. Otherwise (uneven sizes, a truncated or trailing-data file, and the
 GPU decoders, which have not been run on padded input) they go in as one
 zero-copy view per sample. The padded array exists because DALI's Python
-feed checks and wraps each sample of a list (~5 us each): on CIFAR's 32 px
-PNGs (batch 128, 2 cores) that was a third of the main thread's time, and
-padding raised throughput from ~14-18k to ~18-22k img/s, 0.9-1.1x of DALI's
-own reader pipeline (A/B, interleaved runs).
+feed checks and wraps each sample of a list (~5 us each), a large share of
+the main thread's time when the images are small (measurements:
+docs/design/loaders.md).
 """
 from __future__ import annotations
 
@@ -100,10 +99,10 @@ class BatchSource:
         # The bytes travel as one zero-padded (n, longest) array when that
         # costs at most ~2x their size and every image is complete (see
         # _gather_kernel): DALI's Python feed checks and wraps every sample of
-        # a list (~5 us each), which on CIFAR's 2-3 kB PNGs was a third of
-        # the main thread's time per batch (padding: +20-25 % img/s). Only
-        # for the CPU decoder: nvJPEG and the hardware decoder have not been
-        # run on padded input (no GPU here), so they get the exact bytes.
+        # a list (~5 us each), a large share of the main thread's time on
+        # small images (docs/design/loaders.md). Only for the CPU decoder:
+        # nvJPEG and the hardware decoder have not been run on padded input
+        # (no GPU here), so they get the exact bytes.
         longest = int(il.max()) if len(idx) else 0
         fits = self.may_pad and (
             len(idx) * longest <= self.max_pad_ratio * int(il.sum()) + self.pad_slack_bytes)

@@ -32,11 +32,10 @@ global order shared with the other backends.
 
 The external source runs in batch mode in the main thread, not as a parallel
 (``parallel=True``) source: building a batch takes ~1 ms for 256 imagenette
-JPEGs (mostly the copy), against ~90 ms of decoding, and a
-parallel-source prototype of this graph (one worker process) measured ~12%
-more CPU per image on 2 cores (the worker's shared-memory copy of every JPEG)
-for no gain in images/s. DALI still prefetches ``prefetch_queue_depth``
-batches while the trainer works.
+JPEGs (mostly the copy), against ~90 ms of decoding, so a worker process
+would only add its shared-memory copy of every JPEG, more CPU per image for
+no gain in images/s (measurements: docs/design/loaders.md). DALI still
+prefetches ``prefetch_queue_depth`` batches while the trainer works.
 
 Crop rounding
 -------------
@@ -48,8 +47,8 @@ converter measures the stored pixels; e.g. imagenette-224, CIFAR), Python
 computes the pixel boxes with ``box_to_pixels`` itself (a numba loop, a few
 microseconds a batch) and feeds integer anchors. Otherwise the graph reads each size from
 the encoded header (``fn.peek_image_shape``) and applies the same formula in
-float64 DALI arithmetic (identical IEEE operations; ~8% more CPU per image on
-imagenette -> 32 px, hence the fast path). The decoder then decodes only that
+float64 DALI arithmetic (identical IEEE operations, but more CPU per image,
+hence the fast path; docs/design/loaders.md). The decoder then decodes only that
 region (``fn.decoders.image_slice``: ROI decoding; libjpeg-turbo stops after
 the crop's last row and skips the IDCT outside it).
 
@@ -61,13 +60,13 @@ scaling: no ``scale``/``scale_denom`` argument on ``fn.decoders.image*`` or in
 with ``cfg.reduced_decode`` (the default) JPEG samples are decoded by a numba
 operator in the graph that calls libjpeg-turbo at a reduced scale and resizes
 with ``INTER_AREA`` (:mod:`pipelines.dali.scaled_decode`; a DALI conditional
-sends the store's PNG samples, if any, through the decoder below). On
-imagenette-224 -> 32 px that doubled the CPU pipeline's throughput. On the
-GPU, and with ``reduced_decode=False``, DALI's decoders do all the decoding,
-with what they offer: ROI decoding (used);
-``use_fast_idct`` (libjpeg-turbo's fast integer IDCT) measured ~3% faster on
-imagenette-224 full decodes but moves pixels by ~1 level on average (max 5)
-away from PIL/torchvision, so it is not used; ``hw_decoder_load`` for the
+sends the store's PNG samples, if any, through the decoder below), because
+on CPU decoding is nearly all of the pipeline's time (measurements:
+docs/design/loaders.md). On the GPU, and with ``reduced_decode=False``,
+DALI's decoders do all the decoding, with what they offer: ROI decoding
+(used); ``use_fast_idct`` (libjpeg-turbo's fast integer IDCT) is not used,
+as it moves pixels away from PIL/torchvision for little speed
+(docs/design/loaders.md); ``hw_decoder_load`` for the
 A100/H100 hardware JPEG decoder (DALI's default kept). The GPU decoder uses
 ``jpeg_fancy_upsampling=True`` (libjpeg's chroma upsampling, as the CPU path
 and PIL). EXIF orientation is ignored (``adjust_orientation=False``) so the
@@ -83,10 +82,10 @@ then ``fn.crop_mirror_normalize``: flip, ``(x - mean) / std`` and the CHW
 rather than on the training thread, handed to torch zero-copy through
 DLPack. It multiplies by ``1/std``, so values may differ from
 :meth:`BaseLoader.finish_batch`'s division by float32 rounding (the pixels
-round-trip exactly; tested). Separate ``fn.flip``, arithmetic and
-``fn.transpose`` operators gave bitwise equality but cost 18-25 % of the
-throughput on CIFAR's 32 px PNGs (10.4-11.4k against 12.3-13.6k img/s, A/B
-on 2 cores), where per-operator, per-sample overhead outweighs decoding.
+round-trip exactly; tested). One operator rather than separate ``fn.flip``,
+arithmetic and ``fn.transpose`` operators (bitwise equal, but slower): on
+small images such as CIFAR's 32 px PNGs per-operator, per-sample overhead
+outweighs decoding (measurements: docs/design/loaders.md).
 
 Errors
 ------

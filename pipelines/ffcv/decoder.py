@@ -293,8 +293,8 @@ class ViewCropDecoder(ResizedCropRGBImageDecoder):
         normalized, chw = self.norm is not None, np.int64(self.chw)
         norm = self.norm if normalized else np.ones((2, 4), np.float32)
         # The table is computed here, from arguments: computed inside the
-        # kernel from the frozen ``norm``, LLVM folded it at compile time and
-        # ~20 % of the entries came out 1 ulp off (measured).
+        # kernel from the frozen ``norm``, LLVM folds it at compile time and
+        # entries come out 1 ulp off (docs/design/loaders.md).
         lut = normalization_table(norm)
 
         def gather(batch_indices, records, metadata, storage_state):

@@ -28,7 +28,7 @@ the IDCT. With ``reduced_decode``, a JPEG whose crop is >= 2d x the largest
 output (largest d of 8, 4, 2; the reference backend's rule) is decoded at 1/d
 and the same normalized box is rounded on that smaller image. On 224 px
 imagenette this saves little decode time (entropy decoding dominates) but
-shrinks the crop to resize: ~220 vs ~260 us of CPU per image. Raw samples are
+shrinks the crop to resize (measurements: docs/design/loaders.md). Raw samples are
 read in place. The low-res store (``lowres=True``: raw pixels, shorter side
 sized so every crop still has the student resolution) is the fast path: no
 decode, a small resize (~5 us of CPU per image in the kernel, all included).
@@ -56,7 +56,7 @@ did not guess, ``close`` and garbage collection. Each FFCV Loader compiles
 its pipeline, and numba never frees compiled code (~8 MB per Loader), so a
 closed or collected loader hands its FFCV Loader to
 :mod:`pipelines.ffcv.pool`, and the next loader with the same settings
-reuses it: recreating the loader every epoch no longer grows memory
+reuses it: recreating the loader every epoch does not grow memory
 (tested). FFCV sets torch's and numba's thread count to ``num_workers``.
 
 Speed on CPU: the decode kernel also normalizes (``finish_batch``'s float32

@@ -2,8 +2,8 @@
 
 FFCV generates and numba-compiles each ``Loader``'s pipeline code when the
 Loader is built, and numba never frees compiled machine code: every new
-Loader costs ~8 MB for the life of the process (measured: 78 / 154 / 309 MB
-after 10 / 20 / 40 loaders). A training script that recreates its loader
+Loader costs ~8 MB for the life of the process (measurements:
+docs/design/loaders.md). A training script that recreates its loader
 every epoch would grow without bound. :class:`pipelines.ffcv.loader.FFCVLoader`
 therefore hands its FFCV Loader back here when it is closed or collected, and
 a new FFCVLoader with the same key takes it instead of compiling another.

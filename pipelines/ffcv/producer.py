@@ -1,13 +1,12 @@
 """The thread that runs a compiled FFCV ``Loader``'s pipeline, epoch after epoch.
 
 FFCV's ``EpochIterator`` is one thread per epoch: it starts when the epoch
-is requested and ends with it. On a low-res store an epoch of imagenette is
-11 batches of ~1.4 ms, and each epoch paid ~0.5 ms to start its thread and
-order, a first batch nobody overlapped, and a drain at the end where one of
-the two cores idled: ~1.9 of ~17.3 ms (measured). :class:`EpochProducer`
-keeps going instead: when it has queued an epoch's last batch it computes the
-next epoch's order and decodes that epoch's first batches into the same
-bounded queue. The next epoch is predicted as ``epoch + step`` (see
+is requested and ends with it, so every epoch pays to start its thread and
+order, a first batch nobody overlaps, and a drain at the end where a core
+idles: a visible share of a short low-res epoch (measurements:
+docs/design/loaders.md). :class:`EpochProducer` keeps going instead: when
+it has queued an epoch's last batch it computes the next epoch's order and
+decodes that epoch's first batches into the same bounded queue. The next epoch is predicted as ``epoch + step`` (see
 :class:`~pipelines.ffcv.loader.FFCVLoader`); the consumer checks every
 queued item's epoch, and a wrong guess only costs the few batches queued
 (the loader then starts a producer at the epoch asked for).
@@ -71,9 +70,9 @@ class EpochProducer(EpochIterator):
         loader = self.loader
         # prange hands out chunks of ~1/8 of a thread's share as threads free
         # up (thread-local setting, so set here). With numba's default of one
-        # static share per thread, each batch waited for whichever thread this
-        # thread's or the training thread's Python preempted: low-res batches
-        # are 10-25 % faster this way on 2 cores (measured).
+        # static share per thread, each batch waits for whichever thread this
+        # thread's or the training thread's Python preempted (measurements:
+        # docs/design/loaders.md).
         numba.set_parallel_chunksize(max(1, loader.batch_size // (8 * loader.num_workers)))
         Compiler.set_num_threads(loader.num_workers)
         try:

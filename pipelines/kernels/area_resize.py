@@ -6,9 +6,9 @@ to 32 px) that call costs ~17 us per image, almost all of it per-call set-up
 (coefficient tables, allocation, dispatch), which caps the low-res loader. No
 library offers a batched resize of *variable* boxes that a compiled FFCV
 decode loop can call, so this is the same filter written as two separable
-passes in numba: ~7 us for those crops; with the normalization fused
-(:func:`area_resize_normalize`) and its horizontal pass as vector code
-(:mod:`pipelines.kernels.area_rows`), ~5 us for a 63 px crop to 32 px, normalized.
+passes in numba, without the per-call set-up; :func:`area_resize_normalize`
+fuses the normalization, and its horizontal pass runs as vector code
+(:mod:`pipelines.kernels.area_rows`) (timings: docs/design/loaders.md).
 Equal to OpenCV within one level (tested; OpenCV sums in float and rounds
 half to even).
 
@@ -21,11 +21,10 @@ callers use OpenCV for crops smaller than the output.
 
 Exact integer arithmetic. Measured in units of ``1 / out_len`` of a source
 pixel, every overlap is an integer, so both passes sum integers and the
-result is the exact average, rounded half up (tested against block sums). A
-float32 version gave the same values but for rare exact .5 ties, which it
-rounded differently depending on how LLVM had compiled the caller (the same
-source, cached or not, disagreed on ~0.01 % of values); integers give the
-same levels in every kernel at the same speed.
+result is the exact average, rounded half up (tested against block sums).
+Integers rather than floats because float sums round exact .5 ties
+differently depending on how LLVM compiled the caller; integers give the
+same levels in every kernel (docs/design/loaders.md).
 Numba's disk cache does not follow callees: after editing this file, delete
 the cached kernels of its callers (``pipelines/*/__pycache__/*.nb*``).
 """

@@ -4,8 +4,8 @@ for one output row, as explicit 4-lane vector code.
 Why by hand: in that pass each output pixel sums 2-3 source pixels at
 data-dependent positions, so LLVM's loop vectorizer gives up on the loop over
 pixels, and its SLP vectorizer does not pack the three channels of numba's
-scalar code either (checked in the generated assembly). The scalar loop took
-~6 of the ~8.5 us per low-res image, the largest cost of the low-res loader.
+scalar code either (checked in the generated assembly). As scalar code this
+loop is the largest cost of the low-res loader (docs/design/loaders.md).
 Written once in LLVM IR with ``<4 x i32>`` / ``<4 x double>`` vectors (the
 three channels of one pixel plus one ignored lane), it compiles for whatever
 CPU numba targets (SSE/AVX on x86, NEON on ARM): no C toolchain, no

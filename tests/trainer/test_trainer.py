@@ -154,7 +154,9 @@ def test_splits_calibrated_teacher_and_temperature_choice(teacher_run, tmp_path)
     finally:
         jobs._fit = real_fit
     assert calls == ["auto"] and out["val_top1"] > 0
-    assert sweep_module.recipe_fingerprint(sweep_cfg) == result["recipe_fingerprint"]
+    whash = load_checkpoint(cfg.teacher_checkpoint)["weights_hash"]
+    assert sweep_module.recipe_fingerprint(sweep_cfg, whash) == result["recipe_fingerprint"]
+    assert sweep_module.recipe_fingerprint(sweep_cfg, "another teacher") != result["recipe_fingerprint"]
     final = load_checkpoint(sweep_cfg.run.root / "auto" / "final.pt")["config"]
     assert final["loss"]["temperature"] == result["choice"]["temperature"]
     assert final["distill"]["calibrated_teacher"] == result["choice"]["calibrated"]

@@ -30,7 +30,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Union
 
@@ -54,21 +55,26 @@ class CacheError(CqkdError, RuntimeError):
 
 @dataclass(frozen=True)
 class CacheKey:
-    """Everything the cached targets depend on."""
+    """Everything that changes what the teacher saw or produced: its weights,
+    the data, the view contract, the resolution, and how the pixels were made
+    and the teacher run (backend decode path, reduced JPEG decode, memory
+    format, device type, autocast dtype). A cache filled one way is never
+    used silently with another."""
 
     teacher_hash: str
     data_fingerprint: str
     views: dict  # ViewConfig.to_dict()
     teacher_resolution: int
+    decode: dict = field(default_factory=dict)  # backend, reduced_decode, channels_last
+    compute: dict = field(default_factory=dict)  # device type, autocast dtype
 
     def to_json(self) -> str:
-        return json.dumps({"teacher_hash": self.teacher_hash, "data_fingerprint": self.data_fingerprint,
-                           "views": self.views, "teacher_resolution": self.teacher_resolution},
-                          sort_keys=True)
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     def differences(self, other: "CacheKey") -> list[str]:
         a, b = json.loads(self.to_json()), json.loads(other.to_json())
-        return [f"{k}: cache has {a[k]!r}, expected {b[k]!r}" for k in a if a[k] != b[k]]
+        return [f"{k}: cache has {a.get(k)!r}, expected {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                if a.get(k) != b.get(k)]
 
 
 class LogitCache:
