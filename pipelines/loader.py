@@ -42,9 +42,10 @@ class LoaderConfig:
     train: bool = True  # False: view 0 (whole image), no flip
     fixed_view: Optional[int] = None  # every sample uses this view id (teacher-cache filling)
     num_views: int = 0  # K replayable views per sample; 0 = fresh crop every epoch
-    scale: tuple[float, float] = (0.35, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip: bool = True
+    # the view defaults are ViewConfig's (declared once, in pipelines/views.py)
+    scale: tuple[float, float] = ViewConfig.scale
+    ratio: tuple[float, float] = ViewConfig.ratio
+    flip: bool = ViewConfig.flip
     channels_last: bool = False
     reduced_decode: bool = True  # decode JPEGs at a reduced DCT scale when much larger than needed
     expected_fingerprint: Optional[str] = None

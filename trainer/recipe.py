@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.mixing import MixConfig
+from pipelines.views import ViewConfig
 from trainer.distill.loss_config import KD_OBJECTIVES, LossConfig
 
 
@@ -55,9 +56,9 @@ class DataSection:
     student_resolution: int = 16  # the student's low resolution (absolute size)
     student_factor: float = 0.0  # > 0: student_resolution = teacher_resolution * factor
     lowres: bool = False  # read the student view from the low-res companion store
-    scale: tuple[float, float] = (0.35, 1.0)
-    ratio: tuple[float, float] = (0.75, 1.3333333333333333)
-    flip: bool = True
+    scale: tuple[float, float] = ViewConfig.scale  # view defaults: pipelines/views.py
+    ratio: tuple[float, float] = ViewConfig.ratio
+    flip: bool = ViewConfig.flip
     num_views: int = 4  # K replayable views (cache rows per sample); 0 = fresh crops
     view_seed: int = 0  # seeds the view contract and the epoch order; run.seed seeds
     # model init and mixing, so student seeds can share one teacher-logit cache

@@ -4,8 +4,8 @@
 Loader, torch and numba: ~4 s of CPU per process. Convert workers start from
 a fork server (see ``dataset_tools.convert._parallel_map``), so each would
 pay that before its first image, more than a small conversion takes
-(measurements: docs/design/convert.md). They need only three small things from FFCV,
-which this module provides with OpenCV and ctypes alone:
+(measurements: docs/design/convert.md). They need only three small things
+from FFCV, which this module provides with OpenCV and ctypes alone:
 
 - :func:`resizer` and :func:`encode_jpeg`: FFCV 1.0.2's functions
   (``ffcv/fields/rgb_image.py``), copied so that stores get exactly FFCV's
