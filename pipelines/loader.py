@@ -24,12 +24,13 @@ BACKENDS = {
     "reference": "pipelines.reference.loader:ReferenceLoader",
     "ffcv": "pipelines.ffcv.loader:FFCVLoader",
     "dali": "pipelines.dali.loader:DALILoader",
+    "memory": "pipelines.memory.loader:MemoryLoader",
 }
 
 
 @dataclass
 class LoaderConfig:
-    backend: str = "reference"  # reference | ffcv | dali
+    backend: str = "reference"  # reference | ffcv | dali | memory
     store: str = ""  # a converted split (OUT_DIR of dataset_tools/convert.py)
     lowres: bool = False  # read the low-res companion store (student view only)
     batch_size: int = 256
