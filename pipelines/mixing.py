@@ -95,12 +95,17 @@ class MixConfig:
 
 # ---------------------------------------------------------------- drawing (CPU)
 
-def generator_for(seed: int, step: int) -> torch.Generator:
+def generator_for(seed: int, step: int, rank: int = 0) -> torch.Generator:
     """A CPU generator seeded from ``(seed, step)``. NumPy's SeedSequence hashes
-    the pair, so neighbouring steps (or seeds) give unrelated streams."""
-    if seed < 0 or step < 0:
-        raise ValueError(f"seed and step must be non-negative, got seed={seed}, step={step}")
-    state = np.random.SeedSequence([int(seed), int(step)]).generate_state(2, dtype=np.uint32)
+    the pair, so neighbouring steps (or seeds) give unrelated streams. Under
+    torchrun rank ``r > 0`` hashes ``(seed, step, r)``: each rank mixes its own
+    batch with its own draws, as one process would over the global batch, and
+    rank 0 draws what a single process draws."""
+    if seed < 0 or step < 0 or rank < 0:
+        raise ValueError(f"seed, step and rank must be non-negative, got seed={seed}, step={step}, "
+                         f"rank={rank}")
+    entropy = [int(seed), int(step)] + ([int(rank)] if rank else [])
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     g = torch.Generator(device="cpu")
     g.manual_seed((int(state[0]) << 31) ^ int(state[1]))  # < 2**63
     return g
@@ -156,11 +161,11 @@ def _round_half_up(x: torch.Tensor) -> torch.Tensor:
 
 
 def draw_params(cfg: MixConfig, seed: int, step: int, batch_size: int, height: int,
-                width: int) -> MixParams:
+                width: int, rank: int = 0) -> MixParams:
     """All random choices for one batch, on the CPU. ``(height, width)`` is the
     student grid, where boxes are drawn. Draw order: mode, partners, lambdas,
-    box centres (only what the chosen mode needs)."""
-    g = generator_for(seed, step)
+    box centres (only what the chosen mode needs). ``rank``: see :func:`generator_for`."""
+    g = generator_for(seed, step, rank)
     n = batch_size
     mode = choose_mode(cfg, g)
     identity = torch.arange(n)
@@ -327,17 +332,18 @@ def apply_mix(batch: Batch, params: MixParams) -> Batch:
 
 
 class Mixer:
-    """``mixer(batch, step) -> Batch``: reproducible per ``(seed, step)``."""
+    """``mixer(batch, step) -> Batch``: reproducible per ``(seed, step)`` (and
+    the torchrun ``rank``, see :func:`generator_for`)."""
 
-    def __init__(self, cfg: MixConfig, seed: int):
-        self.cfg, self.seed = cfg, int(seed)
+    def __init__(self, cfg: MixConfig, seed: int, rank: int = 0):
+        self.cfg, self.seed, self.rank = cfg, int(seed), int(rank)
 
     def params(self, batch: Batch, step: int) -> MixParams:
         h, w = batch.student.shape[-2:]
-        return draw_params(self.cfg, self.seed, step, len(batch), h, w)
+        return draw_params(self.cfg, self.seed, step, len(batch), h, w, self.rank)
 
     def __call__(self, batch: Batch, step: int) -> Batch:
         return apply_mix(batch, self.params(batch, step))
 
     def __repr__(self) -> str:
-        return f"Mixer({self.cfg}, seed={self.seed})"
+        return f"Mixer({self.cfg}, seed={self.seed}, rank={self.rank})"

@@ -1,4 +1,7 @@
-"""``python -m trainer teacher|calibrate|cache|sweep|distill|evaluate --config FILE.yaml [key=value ...]``"""
+"""``python -m trainer teacher|calibrate|cache|sweep|distill|evaluate --config FILE.yaml [key=value ...]``
+
+Every job also runs under ``torchrun --nproc_per_node N -m trainer JOB ...``
+(see :mod:`trainer.distributed`); rank 0 alone prints the result."""
 from __future__ import annotations
 
 import argparse
@@ -38,7 +41,7 @@ def main(argv=None) -> int:
             args.corruption_types or args.severities or args.corruption_limit):
         p.error("--corruption-types/--severities/--corruption-limit need 'evaluate --corruptions'")
 
-    from trainer import jobs
+    from trainer import distributed, jobs
     from trainer.recipe import Config
     from trainer.models import is_imagenet_model
     try:
@@ -54,7 +57,8 @@ def main(argv=None) -> int:
             types, sevs = parse_selection(args.corruption_types, args.severities)
             result = jobs.run_evaluate_corruptions(cfg, args.checkpoint, sevs, types,
                                                    limit=args.corruption_limit)
-            print(format_table(result))
+            if distributed.is_main():
+                print(format_table(result))
             result = {k: result[k] for k in ("json", "num_images", "clean", "mean")}
         elif args.job == "evaluate":
             result = jobs.run_evaluate(cfg, args.checkpoint)
@@ -73,7 +77,9 @@ def main(argv=None) -> int:
         return 1
     except CqkdError as e:  # any other user-facing failure (e.g. a checkpoint's unknown arch)
         return _user_error(e)
-    print(json.dumps(result, indent=2, default=str))
+    if distributed.is_main():
+        print(json.dumps(result, indent=2, default=str))
+    distributed.shutdown()
     return 0
 
 

@@ -29,7 +29,10 @@ from tqdm import tqdm
 from pipelines.loader import create_loader
 from pipelines.mixing import Mixer
 from trainer.data import cache_key, loader_config
-from trainer.evaluation.calibration import CalibrationMeter
+from trainer.distributed import gather_by_index, is_main, sync_buffers
+from trainer.distributed import rank as process_rank
+from trainer.distributed import setup as setup_distributed
+from trainer.evaluation.calibration import CalibrationMeter, calibration_metrics
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap, weights_hash
 from trainer.distill.logit_cache import LogitCache
 from trainer.distill.loss import DistillLoss
@@ -37,25 +40,6 @@ from trainer.distill.loss_config import LossConfig
 from trainer.distill.targets import CachedTargets, NoTargets, OnlineTargets
 from trainer.models import create_model
 from trainer.recipe import Config
-
-
-def setup_distributed(cfg: Config) -> torch.device:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, NCCL on CUDA."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.run.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.run.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -135,6 +119,21 @@ def role_settings(cfg: Config, role: str) -> RoleSettings:
 TARGET_MODES = ("cached", "online", "none")
 
 
+def ddp_wrap(model: torch.nn.Module, criterion: torch.nn.Module, device: torch.device):
+    """``(DDP(model), loss module)`` for a torchrun run: gradients of every
+    trainable module are all-reduced. The criterion is wrapped too when it has
+    trainable parameters (CRD's projection heads), with ``forward_sync_buffers=False``:
+    its buffers (CRD memory banks) are broadcast from rank 0 once, at wrapping,
+    and then kept identical by the loss itself (:mod:`trainer.distill.crd`);
+    they are far too big to broadcast every step.
+    Checkpoints keep the plain modules' keys (``unwrap``)."""
+    ids = [device.index] if device.type == "cuda" else None
+    ddp = torch.nn.parallel.DistributedDataParallel
+    loss_fn = ddp(criterion, device_ids=ids, forward_sync_buffers=False) \
+        if any(p.requires_grad for p in criterion.parameters()) else criterion
+    return ddp(model, device_ids=ids), loss_fn
+
+
 class Trainer:
     def __init__(self, cfg: Config, role: str):
         self.role_cfg = rc = role_settings(cfg, role)
@@ -144,7 +143,7 @@ class Trainer:
         self.out_dir, self.arch, self.low_res_stem, self.epochs = rc.out_dir, rc.arch, rc.low_res_stem, rc.epochs
         self.train_loader = self.create_loader(train=True)
         self.num_classes = self.train_loader.store.num_classes
-        self.val_loader = self.create_loader(train=False) if is_main() else None
+        self.val_loader = self.create_loader(train=False)  # sharded over the ranks: val_loop
         if self.val_loader is not None and self.val_loader.store.num_classes != self.num_classes:
             raise ValueError(f"{cfg.data.val_store}: {self.val_loader.store.num_classes} classes, but "
                              f"{cfg.data.train_store} has {self.num_classes}")
@@ -163,12 +162,12 @@ class Trainer:
                                          weight_decay=o.weight_decay)
         self.steps_per_epoch = max(1, len(self.train_loader))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
-        self.mixer = Mixer(cfg.mix, cfg.run.seed) if rc.mixing else None
+        self.mixer = Mixer(cfg.mix, cfg.run.seed, rank=process_rank()) if rc.mixing else None
         self.scaler = torch.amp.GradScaler(enabled=self.amp == torch.float16)
         self.epoch, self.global_step, self.step_in_epoch = 0, 0, 0
+        self.loss_fn = self.criterion  # what train_step calls; self.criterion stays the plain module
         if dist.is_initialized():
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.model, self.loss_fn = ddp_wrap(self.model, self.criterion, self.device)
         self.forward = torch.compile(self.model) if cfg.run.compile else self.model
         if is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,8 +181,9 @@ class Trainer:
         return torch.channels_last if self.cfg.data.channels_last else torch.contiguous_format
 
     def create_loader(self, train: bool):
+        """Both loaders read this rank's DistributedSampler shard under torchrun."""
         lc = loader_config(self.cfg, "train" if train else "val", self.device, role=self.role)
-        return create_loader(lc, world_size=None if train else 1, rank=None if train else 0)
+        return create_loader(lc)
 
     def _build_targets(self, rc: RoleSettings):
         """The targets strategy of ``distill.targets`` at the teacher temperature
@@ -239,7 +239,7 @@ class Trainer:
         t_probs, t_emb = self.targets(batch)
         with self._autocast():
             s_emb, s_logits = self.forward(batch.student, return_features=True)
-            total, parts = self.criterion(s_logits.float(), s_emb.float(),
+            total, parts = self.loss_fn(s_logits.float(), s_emb.float(),
                                           batch.one_hot(self.num_classes), t_probs, t_emb,
                                           batch.indices)
         self.optimizer.zero_grad(set_to_none=True)
@@ -293,9 +293,12 @@ class Trainer:
 
     @torch.no_grad()
     def val_loop(self) -> dict:
+        """Metrics on the validation split. Under torchrun every rank evaluates
+        its shard through the plain module (no DDP collective runs in eval) and
+        the logits are gathered, so every rank returns the same metrics."""
         if self.val_loader is None:
             return {}
-        return evaluate_model(self.model, self.val_loader, self._autocast)
+        return evaluate_model(unwrap(self.model), self.val_loader, self._autocast)
 
     # ------------------------------------------------------------ checkpoints
     def state(self) -> dict:
@@ -370,6 +373,7 @@ class Trainer:
             stopped = bool(self.cfg.run.max_steps and self.global_step >= self.cfg.run.max_steps)
             if self.step_in_epoch >= self.steps_per_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            sync_buffers(unwrap(self.model))  # torchrun: every rank evaluates rank 0's model
             val = self.val_loop()
             last = {"epoch": self.epoch, "step": self.global_step, **train,
                     **{f"val_{k}": v for k, v in val.items()}, "epoch_seconds": time.perf_counter() - t0}
@@ -393,21 +397,44 @@ class Trainer:
 
 
 @torch.no_grad()
-def collect_logits(model, loader, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits and labels of a loader (eval mode), on the CPU."""
+def _sample_logits(model, loader, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels of every sample of the loader's store, in sample
+    order, on the device; a sharded loader's ranks each compute their shard
+    and gather (:func:`trainer.distributed.gather_by_index`)."""
     model.eval()
-    logits, labels = [], []
+    logits, labels, indices = [], [], []
     for batch in loader:
         with autocast():
             out = model(batch.student)
         logits.append(out.float())
         labels.append(batch.labels)
-    return torch.cat(logits).cpu(), torch.cat(labels).cpu()
+        indices.append(batch.indices)
+    logits, labels = torch.cat(logits), torch.cat(labels)
+    if loader.world_size > 1:
+        logits, labels = gather_by_index(torch.cat(indices), [logits, labels], loader.store.num_samples)
+    return logits, labels
+
+
+@torch.no_grad()
+def collect_logits(model, loader, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """All logits and labels of a loader (eval mode), on the CPU; with a
+    sharded loader (torchrun) every sample's, gathered on every rank."""
+    logits, labels = _sample_logits(model, loader, autocast)
+    return logits.cpu(), labels.cpu()
 
 
 @torch.no_grad()
 def evaluate_model(model, loader, autocast) -> dict:
+    """Calibration metrics of ``model`` on every sample of ``loader``. Pass the
+    plain module (not DDP). A sharded loader (torchrun): every rank computes
+    the metrics of all samples from the gathered logits."""
     model.eval()
+    if loader.world_size > 1:
+        t0 = time.perf_counter()
+        logits, labels = _sample_logits(model, loader, autocast)
+        metrics = calibration_metrics(logits, labels)
+        metrics["eval_images_per_sec"] = len(labels) / max(time.perf_counter() - t0, 1e-9)
+        return metrics
     meter = CalibrationMeter()
     t0, n = time.perf_counter(), 0
     for batch in loader:

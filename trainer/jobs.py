@@ -4,7 +4,15 @@
 Splits: ``data.train_store`` trains; ``data.val_store`` (held out from the
 training data) is what anything fitted or chosen sees (per-epoch validation,
 temperature scaling, the sweep); ``data.test_store`` is read only by
-``evaluate`` and the reports."""
+``evaluate`` and the reports.
+
+Under torchrun (:mod:`trainer.distributed`) every job runs on every rank:
+``calibrate`` and ``evaluate`` shard their split over the ranks and gather
+the logits, so every rank computes the same result; ``cache`` fills disjoint
+part files per rank and rank 0 assembles them; ``evaluate --corruptions``
+deals its (type, severity) conditions out to the ranks. Only rank 0 writes
+files, and every job ends at a barrier, so what it wrote is there for the
+next job on any rank."""
 from __future__ import annotations
 
 import sys
@@ -18,6 +26,7 @@ from tqdm import tqdm
 from dataset_tools.atomic import write_json_atomic as write_json
 from dataset_tools.stores.layout import open_store
 from pipelines.loader import create_loader
+from trainer import distributed
 from trainer.checkpoint import load_checkpoint
 from trainer.data import cache_key, loader_config
 from trainer.distill.logit_cache import LogitCache, fill_cache
@@ -33,9 +42,12 @@ def _autocast_for(cfg: Config, device):
     return (lambda: torch.autocast(device.type, dtype=dt)) if dt is not None else nullcontext
 
 
-def _eval_loader(cfg: Config, split: str, resolution: int, device):
-    """Whole images of the ``val`` or ``test`` split at ``resolution``, every sample once."""
-    return create_loader(loader_config(cfg, split, device, resolution=resolution), rank=0, world_size=1)
+def _eval_loader(cfg: Config, split: str, resolution: int, device, sharded: bool = True):
+    """Whole images of the ``val`` or ``test`` split at ``resolution``, every
+    sample once: across the ranks under torchrun (``sharded``; gather with
+    :func:`~trainer.engine.collect_logits`), else all of them on this rank."""
+    lc = loader_config(cfg, split, device, resolution=resolution)
+    return create_loader(lc) if sharded else create_loader(lc, rank=0, world_size=1)
 
 
 def _fit(cfg: Config, role: str) -> dict:
@@ -58,7 +70,9 @@ def run_calibrate(cfg: Config) -> dict:
     The ECE after scaling is reported by 2-fold cross-fitting (fit on half the
     held-out samples, measure on the other half, and vice versa), so the
     reported improvement is not measured on the samples T was fitted to; the
-    saved temperature is fitted on all of them.
+    saved temperature is fitted on all of them. Under torchrun the ranks
+    share the teacher's forward passes and every rank fits the same T from
+    the gathered logits; rank 0 writes.
     """
     device = setup_distributed(cfg)
     with _eval_loader(cfg, "val", cfg.data.teacher_resolution, device) as loader:
@@ -76,18 +90,22 @@ def run_calibrate(cfg: Config) -> dict:
               "ece_before": before["ece"], "ece_after_fitted": full.ece_after,
               "ece_after_crossfit": sum(cross) / 2, "accuracy": before["top1"],
               "num_samples": len(labels), "store": cfg.data.val_store, "split": "val"}
-    cfg.teacher_dir.mkdir(parents=True, exist_ok=True)
-    write_json(cfg.temperature_file, result)
-    reliability_diagram(logits, labels, cfg.teacher_dir / "reliability_before.png",
-                        title=f"teacher {cfg.model.teacher}, T=1")
-    reliability_diagram(logits / full.temperature, labels, cfg.teacher_dir / "reliability_after.png",
-                        title=f"teacher {cfg.model.teacher}, T={full.temperature:.2f}")
+    if distributed.is_main():
+        cfg.teacher_dir.mkdir(parents=True, exist_ok=True)
+        write_json(cfg.temperature_file, result)
+        reliability_diagram(logits, labels, cfg.teacher_dir / "reliability_before.png",
+                            title=f"teacher {cfg.model.teacher}, T=1")
+        reliability_diagram(logits / full.temperature, labels, cfg.teacher_dir / "reliability_after.png",
+                            title=f"teacher {cfg.model.teacher}, T={full.temperature:.2f}")
+    distributed.barrier()
     return result
 
 
 def run_cache(cfg: Config) -> dict:
     """Fill the teacher cache: logits and penultimate embeddings of K
-    full-resolution views per training sample."""
+    full-resolution views per training sample. Under torchrun each rank
+    computes the part files of its shard of every view and rank 0 assembles
+    the cache (:func:`~trainer.distill.logit_cache.fill_cache`)."""
     device = setup_distributed(cfg)
     d = cfg.data
     if d.num_views < 1:
@@ -96,12 +114,15 @@ def run_cache(cfg: Config) -> dict:
     teacher, whash = load_teacher(cfg, store.num_classes, device)
     key = cache_key(cfg, whash, store.fingerprint, device=device, amp=amp_dtype(cfg, device))
     autocast = _autocast_for(cfg, device)
-    bar = tqdm(total=store.num_samples * d.num_views, desc="teacher logits", disable=not (cfg.run.progress and sys.stderr.isatty()))
+    rank, world = distributed.rank(), distributed.world_size()
+    bar = tqdm(total=-(-store.num_samples // world) * d.num_views, desc="teacher logits",
+               disable=not (distributed.is_main() and cfg.run.progress and sys.stderr.isatty()))
     t0 = time.perf_counter()
 
     def view_batches(v):
         # Same view contract as training (seed, K, scale, ratio, flip); every sample once.
-        with create_loader(loader_config(cfg, "cache", device, fixed_view=v), rank=0, world_size=1) as loader:
+        lc = loader_config(cfg, "cache", device, fixed_view=v)
+        with create_loader(lc, rank=rank, world_size=world) as loader:  # this rank's shard
             for batch in loader:
                 def compute(batch=batch):
                     with torch.no_grad(), autocast():
@@ -111,9 +132,12 @@ def run_cache(cfg: Config) -> dict:
 
     path = fill_cache(cfg.cache_path, key, store.num_samples, store.num_classes, d.num_views,
                       view_batches, dtype=cfg.distill.cache_dtype, progress=bar.update,
-                      feature_dim=teacher.feature_dim)
+                      feature_dim=teacher.feature_dim, rank=rank, world_size=world,
+                      barrier=distributed.barrier)
     bar.close()
     seconds = time.perf_counter() - t0
+    if not distributed.is_main():  # rank 0 reads the assembled cache and tells the others
+        return distributed.broadcast_object(None)
     cache = LogitCache.open(path, key)
     result = {"path": str(path), "num_samples": cache.num_samples, "num_views": cache.num_views,
               "num_classes": cache.num_classes, "feature_dim": cache.feature_dim,
@@ -121,7 +145,7 @@ def run_cache(cfg: Config) -> dict:
               "features_fp16_max_abs_error": cache.features_fp16_max_abs_error, "seconds": seconds,
               "teacher_images_per_sec": store.num_samples * d.num_views / max(seconds, 1e-9)}
     write_json(cfg.cache_path.with_suffix(".json"), result)
-    return result
+    return distributed.broadcast_object(result)
 
 
 def run_distill(cfg: Config) -> dict:
@@ -154,7 +178,8 @@ def _load_evaluable(cfg: Config, checkpoint: str, store_classes: int) -> tuple[P
 
 def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
     """Accuracy and the calibration family of a checkpoint on the test split
-    (``data.test_store``), plus its reliability diagram."""
+    (``data.test_store``), plus its reliability diagram. Under torchrun the
+    ranks share the forward passes and gather the logits; rank 0 writes."""
     device = setup_distributed(cfg)
     path, ck, model = _load_evaluable(cfg, checkpoint, open_store(cfg.data.test_store).num_classes)
     model = model.to(device)
@@ -163,12 +188,14 @@ def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
         metrics = evaluate_model(model, loader, autocast)
         logits, labels = collect_logits(model, loader, autocast)
     png = path.with_name(path.stem + "_reliability.png")
-    reliability_diagram(logits, labels, png, title=f"{ck['arch']} @ {ck['student_resolution']}px")
     result = {"checkpoint": str(path), "arch": ck["arch"], "resolution": ck["student_resolution"],
               "store": cfg.data.test_store, "split": "test", **metrics, "reliability_diagram": str(png),
               "logits_file": str(path.with_name(path.stem + "_test_logits.pt"))}
-    torch.save({"logits": logits, "labels": labels}, result["logits_file"])
-    write_json(path.with_name(path.stem + "_eval.json"), result)
+    if distributed.is_main():
+        reliability_diagram(logits, labels, png, title=f"{ck['arch']} @ {ck['student_resolution']}px")
+        torch.save({"logits": logits, "labels": labels}, result["logits_file"])
+        write_json(path.with_name(path.stem + "_eval.json"), result)
+    distributed.barrier()
     return result
 
 
@@ -177,7 +204,10 @@ def run_evaluate_corruptions(cfg: Config, checkpoint: str = "", severities=None,
     """Accuracy, ECE and NLL of a checkpoint on the test split under the 15
     CIFAR-C corruptions x 5 severities (see trainer/evaluation/corruptions.py for the
     pipeline); ``limit > 0``: a class-balanced subset of that many images.
-    Writes ``<checkpoint stem>_corruptions.json`` beside the checkpoint."""
+    Writes ``<checkpoint stem>_corruptions.json`` beside the checkpoint.
+    Under torchrun every rank reads the images and the ranks share out the
+    conditions (:func:`~trainer.evaluation.corruptions.evaluate_corruptions`);
+    rank 0 writes."""
     from trainer.evaluation import corruptions as C
 
     types = list(types or C.CORRUPTIONS)
@@ -190,13 +220,14 @@ def run_evaluate_corruptions(cfg: Config, checkpoint: str = "", severities=None,
     path, ck, model = _load_evaluable(cfg, checkpoint, store.num_classes)
     native = C.native_size(store.manifest)
     t0 = time.perf_counter()
-    with _eval_loader(cfg, "test", native, torch.device("cpu")) as loader:
+    with _eval_loader(cfg, "test", native, torch.device("cpu"), sharded=False) as loader:
         images, labels, indices = C.read_native_images(loader, limit)
     metrics = C.evaluate_corruptions(
         model.to(device), images, labels, indices, resolution=ck["student_resolution"],
         mean=store.mean, std=store.std, device=device, autocast=_autocast_for(cfg, device),
         types=types, severities=severities, batch_size=cfg.data.eval_batch_size, seed=cfg.run.seed,
-        channels_last=cfg.data.channels_last, workers=cfg.data.num_workers, progress=cfg.run.progress)
+        channels_last=cfg.data.channels_last, workers=cfg.data.num_workers,
+        progress=cfg.run.progress and distributed.is_main())
     out = path.with_name(path.stem + "_corruptions.json")
     result = {"checkpoint": str(path), "arch": ck["arch"], "resolution": ck["student_resolution"],
               "store": cfg.data.test_store, "native_resolution": native, "num_images": len(labels),
@@ -204,5 +235,7 @@ def run_evaluate_corruptions(cfg: Config, checkpoint: str = "", severities=None,
               "parameters": "CIFAR-10/100-C (Hendrycks & Dietterich 2019, make_cifar_c.py)",
               "substitutions": C.SUBSTITUTIONS, **metrics, "seconds": time.perf_counter() - t0,
               "json": str(out)}
-    write_json(out, result)
+    if distributed.is_main():
+        write_json(out, result)
+    distributed.barrier()
     return result

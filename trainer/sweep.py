@@ -20,6 +20,11 @@ from the cache fill, for every image the sweep students trained on);
 ``sweep.png`` plots validation top-1 and ECE against T. A sweep whose recipe
 (everything but the swept keys, the run's tag and seed) is unchanged is
 reused: the sweep runs once, at the seed of the first run that needs it.
+
+Under torchrun every rank trains each sweep run together (they are ordinary
+:class:`~trainer.engine.Trainer` runs); rank 0 alone deletes stale run folders
+and writes the markers, the plot and ``sweep.json`` (barriers between), and
+every rank returns rank 0's result, so all apply the same choice.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from dataset_tools.atomic import write_json_atomic
+from trainer import distributed
 from trainer.recipe import Config
 
 RULE = ("lowest validation ECE among the runs whose validation top-1 is within "
@@ -119,14 +125,16 @@ def run_sweep(cfg: Config) -> dict:
         if marker.is_file() and json.loads(marker.read_text()).get("recipe_fingerprint") == fp:
             run = json.loads(marker.read_text())["run"]  # finished in an interrupted sweep
         else:
-            if scfg.student_dir.exists():
+            if distributed.is_main() and scfg.student_dir.exists():
                 shutil.rmtree(scfg.student_dir)  # a run of another recipe
+            distributed.barrier()
             t0 = time.perf_counter()
-            out = jobs._fit(scfg, "student")
+            out = jobs._fit(scfg, "student")  # ends at a barrier: log.jsonl is complete
             steps = int(out.get("step", 0))
             run = {**point, **_last_val(scfg.student_dir), "seconds": time.perf_counter() - t0,
-                   "train_images": steps * cfg.data.batch_size}
-            write_json_atomic(marker, {"recipe_fingerprint": fp, "run": run})
+                   "train_images": steps * cfg.data.batch_size * distributed.world_size()}
+            if distributed.is_main():
+                write_json_atomic(marker, {"recipe_fingerprint": fp, "run": run})
         images += run["train_images"]
         runs.append(run)
     sweep_seconds = time.perf_counter() - t_sweep
@@ -136,10 +144,12 @@ def run_sweep(cfg: Config) -> dict:
               "runs": runs, "choice": {k: choice[k] for k in ("temperature", "objective", "calibrated",
                                                               "tag", "val_top1", "val_ece")},
               "cost": sweep_cost(cfg, sweep_seconds, images)}
-    cfg.sweep_dir.mkdir(parents=True, exist_ok=True)
-    result["plot"] = str(plot_sweep(result, cfg.sweep_dir / "sweep.png"))
-    write_json_atomic(cfg.sweep_file, result)
-    return result
+    result["plot"] = str(cfg.sweep_dir / "sweep.png")
+    if distributed.is_main():
+        cfg.sweep_dir.mkdir(parents=True, exist_ok=True)
+        plot_sweep(result, cfg.sweep_dir / "sweep.png")
+        write_json_atomic(cfg.sweep_file, result)
+    return distributed.broadcast_object(result)
 
 
 def sweep_cost(cfg: Config, sweep_seconds: float, train_images: int) -> dict:

@@ -159,10 +159,15 @@ class ReferenceLoader(BaseLoader):
         # The workers only decode and resize on the CPU, so fork is safe even
         # after CUDA was initialized in this process.
         fork = "fork" if cfg.num_workers > 0 and "fork" in mp.get_all_start_methods() else None
+        # Its own generator: each iter() of a DataLoader draws a worker base
+        # seed, from torch's global RNG by default, which would shift the
+        # training step's draws (CRD negatives) by every train and val epoch
+        # started, so a resumed run would not replay the uninterrupted one.
         self._dl = DataLoader(self.dataset, batch_sampler=_ViewBatches(self, batches),
                               num_workers=cfg.num_workers, collate_fn=collate,
                               pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init,
-                              multiprocessing_context=fork, persistent_workers=cfg.num_workers > 0)
+                              multiprocessing_context=fork, persistent_workers=cfg.num_workers > 0,
+                              generator=torch.Generator().manual_seed(cfg.seed))
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)

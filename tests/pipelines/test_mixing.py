@@ -268,6 +268,19 @@ def test_reproducible_and_input_untouched(device, cfg):
         Mixer(cfg, seed=11)(a, step=5)
 
 
+def test_torchrun_ranks_draw_their_own_params():
+    """Rank 0 draws what one process draws; other ranks draw their own
+    (reproducibly), so the global batch is not one draw repeated per rank."""
+    for step in range(5):
+        one = draw_params(CUTMIX, 3, step, 16, 8, 8)
+        r0, r1 = (draw_params(CUTMIX, 3, step, 16, 8, 8, rank=r) for r in (0, 1))
+        assert torch.equal(one.lam, r0.lam) and torch.equal(one.boxes, r0.boxes)
+        assert torch.equal(r1.lam, draw_params(CUTMIX, 3, step, 16, 8, 8, rank=1).lam)
+        assert not torch.equal(r0.perm, r1.perm) or not torch.equal(r0.lam, r1.lam)
+    assert Mixer(CUTMIX, 3, rank=1).params(make_batch(B=16), 2).lam.equal(
+        draw_params(CUTMIX, 3, 2, 16, 8, 8, rank=1).lam)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(),
                     reason="needs CUDA (torch.cuda.is_available() is False)")
 @pytest.mark.parametrize("cfg", [MIXUP, CUTMIX, CUTOUT], ids=["mixup", "cutmix", "cutout"])

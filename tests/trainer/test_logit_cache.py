@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import h5py
@@ -259,4 +260,93 @@ def test_kill_9_then_rerun_gives_identical_contents(tmp_path):
     a, b = LogitCache.open(path, key()), LogitCache.open(ref, key())
     assert torch.equal(a.logits, b.logits)
     assert a.feature_dim == D and torch.equal(a.features, b.features)
+    assert path.read_bytes() == ref.read_bytes()
+
+
+# ------------------------------------------------ sharded fill (torchrun ranks)
+def rank_batches(v, rank, world, calls=None):
+    """Rank ``rank``'s DistributedSampler shard of view ``v`` (no shuffle,
+    padded by repeating the first samples), in batches of B."""
+    order = np.resize(np.arange(N), -(-N // world) * world)[rank::world]
+    table, ftable = true_logits(v), true_features(v)
+    for s in range(0, len(order), B):
+        idx = order[s:s + B]
+
+        def compute(idx=idx, s=s):
+            if calls is not None:
+                calls.append((rank, v, s))
+            return table[idx], ftable[idx]
+        yield idx, compute
+
+
+def sharded_fill(path, world, make_batches=rank_batches):
+    """``fill_cache`` as ``world`` torchrun ranks run it: one thread per rank,
+    meeting at a barrier; returns each rank's exception (or None)."""
+    barrier = threading.Barrier(world, timeout=60)
+    errors = [None] * world
+
+    def run(rank):
+        try:
+            fill_cache(path, key(), N, C, K, lambda v: make_batches(v, rank, world), feature_dim=D,
+                       rank=rank, world_size=world, barrier=barrier.wait)
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            errors[rank] = e
+            barrier.abort()  # the others stop waiting, as torchrun stops them
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    return errors
+
+
+def test_sharded_fill_equals_one_process(tmp_path):
+    ref = fill_cache(tmp_path / "ref.h5", key(), N, C, K, fbatches, feature_dim=D)
+    path = tmp_path / "c.h5"
+    assert sharded_fill(path, 3) == [None] * 3  # 50 samples over 3 ranks: one padded repeat
+    assert path.read_bytes() == ref.read_bytes()
+    assert not (tmp_path / "c.h5.parts").exists()
+
+
+def test_sharded_fill_resumes_its_ranks_parts(tmp_path):
+    path, parts = tmp_path / "c.h5", tmp_path / "c.h5.parts"
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupted(v, rank, world):
+        for i, item in enumerate(rank_batches(v, rank, world)):
+            if rank == 1 and v == 1 and i == 1:
+                raise Interrupt
+            yield item
+
+    errors = sharded_fill(path, 2, interrupted)
+    assert isinstance(errors[1], Interrupt) and not path.exists()
+    names = sorted(p.name for p in parts.glob("*.npz"))
+    assert any("-r0000-" in n for n in names) and any("-r0001-" in n for n in names)
+    calls = []
+    assert sharded_fill(path, 2, lambda v, r, w: rank_batches(v, r, w, calls)) == [None, None]
+    done_by_1 = -(-25 // B) + 1  # rank 1 had finished view 0 and one batch of view 1
+    per_rank = K * -(-25 // B)
+    assert len([c for c in calls if c[0] == 1]) == per_rank - done_by_1
+    assert len([c for c in calls if c[0] == 0]) <= per_rank  # rank 0 may have run ahead
+    ref = fill_cache(tmp_path / "ref.h5", key(), N, C, K, fbatches, feature_dim=D)
+    assert path.read_bytes() == ref.read_bytes()
+
+
+def test_parts_of_another_process_count_are_discarded(tmp_path):
+    path = tmp_path / "c.h5"
+
+    def interrupted(v, rank, world):
+        if v == 2:
+            raise RuntimeError("killed")
+        yield from rank_batches(v, rank, world)
+
+    sharded_fill(path, 2, interrupted)
+    calls = []
+    fill_cache(path, key(), N, C, K, lambda v: fbatches(v, calls), feature_dim=D)  # one process
+    assert len(calls) == K * -(-N // B)  # started over
+    ref = fill_cache(tmp_path / "ref.h5", key(), N, C, K, fbatches, feature_dim=D)
     assert path.read_bytes() == ref.read_bytes()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer import distributed
 from trainer.distill.terms import LossInputs, register
 
 
@@ -43,8 +44,19 @@ class CRDLoss(nn.Module):
     default draws from other classes, which needs labels per index).
 
     Heads and memories are this module's parameters/buffers, so they are
-    optimised and checkpointed with the student via ``state_dict``. Each
-    process updates its own memory (no cross-process sync under DDP).
+    optimised and checkpointed with the student via ``state_dict``.
+
+    Under torchrun the ranks' banks are one bank: every rank gathers the
+    batch's sample indices and (detached) head outputs of all ranks and applies
+    the same momentum update, so the banks stay identical without ever being
+    broadcast; the negatives are drawn for the global batch from the torch RNG
+    (seeded alike on every rank, so the same draw) and each rank keeps its
+    slice; ``Z`` is fixed from the first global batch. That is what one process
+    would do with the global batch, except a sample that two ranks hold in the
+    same step (only DistributedSampler's padding repeats, in an epoch's last
+    batch) gets the lower rank's row. The heads' gradients are all-reduced by
+    the trainer's DDP wrapper. All ranks must pass equal batch sizes (training
+    drops the last partial batch).
     """
 
     def __init__(self, student_dim: int, teacher_dim: int, num_samples: int, dim: int = 128,
@@ -61,6 +73,7 @@ class CRDLoss(nn.Module):
         self.register_buffer("memory_t", torch.rand(num_samples, dim).mul_(2 * stdv).sub_(stdv))
         # log Z for the student-anchor and teacher-anchor scores; NaN = not set yet
         self.register_buffer("log_z", torch.full((2,), float("nan")))
+        self._z_gathered = False  # torchrun: log Z of the first global batch is agreed on once
 
     def sample_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """``[B, 1 + K]``: the positive index, then K uniform draws from the
@@ -89,7 +102,15 @@ class CRDLoss(nn.Module):
         if not indices.is_cuda and (indices.min() < 0 or indices.max() >= self.num_samples):
             raise IndexError(f"CRD sample indices must lie in [0, {self.num_samples}); the memory "
                              "bank was sized for a different dataset")
-        idx = self.sample_indices(indices) if contrast_idx is None else contrast_idx.long()
+        world = distributed.world_size()
+        all_indices = distributed.all_gather_cat(indices) if world > 1 else indices
+        if contrast_idx is not None:
+            idx = contrast_idx.long()
+        elif world > 1:  # the global batch's draw, this rank's rows
+            start = distributed.rank() * len(indices)
+            idx = self.sample_indices(all_indices)[start:start + len(indices)]
+        else:
+            idx = self.sample_indices(indices)
         with torch.autocast(self.memory_s.device.type, enabled=False):
             v_s = self.embed_s(student_emb.float())
             v_t = self.embed_t(teacher_emb.float())
@@ -101,13 +122,29 @@ class CRDLoss(nn.Module):
                 # Z = mean(exp(score)) * N, fixed by the first batch (no host sync)
                 fresh = torch.stack([s.flatten().logsumexp(0) - math.log(s.numel()) for s in
                                      (scores_s, scores_t)]) + math.log(self.num_samples)
+                if world > 1 and not self._z_gathered:  # the global batch's mean, once
+                    fresh = distributed.all_gather_cat(fresh[None]).logsumexp(0) - math.log(world)
+                    self._z_gathered = True
                 self.log_z.copy_(torch.where(torch.isnan(self.log_z), fresh, self.log_z))
             loss = self._nce(scores_s, self.log_z[0]) + self._nce(scores_t, self.log_z[1])
             with torch.no_grad():
+                if world > 1:
+                    v_s, v_t = self._global_rows(all_indices, torch.cat([v_s, v_t], dim=1).detach())
                 for memory, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
-                    rows = memory[indices] * self.momentum + v.detach() * (1 - self.momentum)
-                    memory.index_copy_(0, indices, F.normalize(rows, dim=1))
+                    rows = memory[all_indices] * self.momentum + v.detach() * (1 - self.momentum)
+                    memory.index_copy_(0, all_indices, F.normalize(rows, dim=1))
         return loss
+
+    def _global_rows(self, all_indices: torch.Tensor, local: torch.Tensor):
+        """Every rank's ``[v_s | v_t]`` rows for ``all_indices``, a sample held by
+        two ranks given the lower rank's row everywhere, so the update writes
+        the same value whatever order ``index_copy_`` takes (no host sync)."""
+        rows = distributed.all_gather_cat(local)
+        pos = torch.arange(len(all_indices), device=rows.device)
+        first = torch.full((self.num_samples,), len(all_indices), dtype=torch.long, device=rows.device)
+        first.scatter_reduce_(0, all_indices, pos, reduce="amin")
+        rows = rows[first[all_indices]]
+        return rows.split(rows.shape[1] // 2, dim=1)
 
 
 @register("crd")

@@ -23,7 +23,15 @@ part file under ``<path>.parts/``; a rerun after ``kill -9`` skips finished
 parts and the final HDF5 is assembled from the parts (then renamed into
 place), so its contents equal an uninterrupted fill. HDF5 itself is not
 crash-safe, which is why partial progress does not live in it. Parts written
-for another key or another layout (class count, feature dim) are discarded.
+for another key or another layout (class count, feature dim, process count)
+are discarded.
+
+Under torchrun (``world_size > 1``) each rank computes the parts of its own
+DistributedSampler shard of every view (named by rank, so no two ranks ever
+write the same file); rank 0 alone prepares the part folder, assembles the
+cache after a barrier and deletes the parts, while the others wait at the
+final barrier. A sample in two shards (the sampler's padding) is written by
+both ranks; assembly keeps the higher rank's row, from the same image.
 """
 from __future__ import annotations
 
@@ -167,8 +175,9 @@ class LogitCache:
         return feats[indices.to(dev, non_blocking=True), view_ids.to(dev, non_blocking=True)].float()
 
 
-def _part_path(parts: Path, view: int, batch: int) -> Path:
-    return parts / f"v{view:04d}-b{batch:07d}.npz"
+def _part_path(parts: Path, view: int, batch: int, rank: int = 0, world_size: int = 1) -> Path:
+    shard = f"-r{rank:04d}" if world_size > 1 else ""
+    return parts / f"v{view:04d}{shard}-b{batch:07d}.npz"
 
 
 def _checked(name: str, value, shape: tuple[int, int], hint: str) -> np.ndarray:
@@ -195,7 +204,8 @@ def _rounded(arr: np.ndarray, dtype: str, name: str) -> tuple[np.ndarray, float]
 def fill_cache(path, key: CacheKey, num_samples: int, num_classes: int, num_views: int,
                view_batches: Callable[[int], Iterable[tuple[np.ndarray, Callable[[], Computed]]]],
                dtype: str = "float16", progress: Optional[Callable[[int], None]] = None,
-               feature_dim: int = 0) -> Path:
+               feature_dim: int = 0, rank: int = 0, world_size: int = 1,
+               barrier: Callable[[], None] = lambda: None) -> Path:
     """Fill (or resume filling) the cache at ``path``.
 
     ``view_batches(v)`` yields, for view ``v``, ``(indices, compute)`` per batch
@@ -203,6 +213,9 @@ def fill_cache(path, key: CacheKey, num_samples: int, num_classes: int, num_view
     logits ``[b, C]``, or with ``feature_dim > 0`` the tuple ``(logits [b, C],
     features [b, D])`` (the pooled penultimate embedding). It is only called for
     batches not already on disk.
+
+    With ``world_size > 1`` (torchrun), ``view_batches`` yields this rank's
+    shard and ``barrier`` waits for every rank; see the module docstring.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"cache dtype must be float16 or float32, got {dtype!r}")
@@ -211,19 +224,22 @@ def fill_cache(path, key: CacheKey, num_samples: int, num_classes: int, num_view
     path = Path(path)
     parts = Path(str(path) + ".parts")
     key_file, layout_file = parts / "key.json", parts / "layout.json"
-    layout = json.dumps({"num_classes": num_classes, "feature_dim": feature_dim}, sort_keys=True)
-    if parts.is_dir() and (not key_file.is_file() or key_file.read_text() != key.to_json()
-                           or not layout_file.is_file() or layout_file.read_text() != layout):
-        shutil.rmtree(parts)  # parts of another teacher/data/view config or layout: start over
-    parts.mkdir(parents=True, exist_ok=True)
-    if not key_file.is_file():
-        atomic_write_bytes(key_file, lambda f: f.write(key.to_json().encode()))
-    if not layout_file.is_file():
-        atomic_write_bytes(layout_file, lambda f: f.write(layout.encode()))
+    shape = {"num_classes": num_classes, "feature_dim": feature_dim}
+    layout = json.dumps({**shape, "world_size": world_size} if world_size > 1 else shape, sort_keys=True)
+    if rank == 0:
+        if parts.is_dir() and (not key_file.is_file() or key_file.read_text() != key.to_json()
+                               or not layout_file.is_file() or layout_file.read_text() != layout):
+            shutil.rmtree(parts)  # parts of another teacher/data/view config or layout: start over
+        parts.mkdir(parents=True, exist_ok=True)
+        if not key_file.is_file():
+            atomic_write_bytes(key_file, lambda f: f.write(key.to_json().encode()))
+        if not layout_file.is_file():
+            atomic_write_bytes(layout_file, lambda f: f.write(layout.encode()))
+    barrier()  # the part folder is ready (and fresh) before any rank writes into it
 
     for v in range(num_views):
         for b, (indices, compute) in enumerate(view_batches(v)):
-            part = _part_path(parts, v, b)
+            part = _part_path(parts, v, b, rank, world_size)
             if not part.is_file():
                 idx = np.asarray(indices, dtype=np.int64)
                 out = compute()
@@ -244,7 +260,10 @@ def fill_cache(path, key: CacheKey, num_samples: int, num_classes: int, num_view
                 atomic_write_bytes(part, lambda f, idx=idx, arrays=arrays: np.savez(f, indices=idx, **arrays))
             if progress:
                 progress(len(indices))
-
+    barrier()  # every rank's parts are on disk
+    if rank != 0:
+        barrier()  # rank 0 assembles
+        return path
     # Assemble directly in the cache dtype (no float32 copy of the whole cache).
     np_dtype = np.float16 if dtype == "float16" else np.float32
     logits = np.zeros((num_samples, num_views, num_classes), dtype=np_dtype)
@@ -252,7 +271,7 @@ def fill_cache(path, key: CacheKey, num_samples: int, num_classes: int, num_view
     filled = np.zeros((num_samples, num_views), dtype=bool)
     err = {"logits": 0.0, "features": 0.0}
     for v in range(num_views):
-        for part in sorted(parts.glob(f"v{v:04d}-b*.npz")):
+        for part in sorted(parts.glob(f"v{v:04d}-*.npz")):
             with np.load(part, allow_pickle=False) as z:
                 idx = z["indices"]
                 for name, dest in (("logits", logits), ("features", features)):
@@ -265,7 +284,8 @@ def fill_cache(path, key: CacheKey, num_samples: int, num_classes: int, num_view
     if not filled.all():
         missing = int((~filled).sum())
         raise CacheError(f"{parts}: {missing} (sample, view) rows were never filled; the loader "
-                         f"must visit every sample once per view (drop_last=False, no sharding)")
+                         f"must visit every sample once per view, across the ranks under torchrun "
+                         f"(drop_last=False)")
 
     def write(f):
         with h5py.File(f, "w") as h:
@@ -282,6 +302,7 @@ def fill_cache(path, key: CacheKey, num_samples: int, num_classes: int, num_view
 
     atomic_write_bytes(path, write)
     shutil.rmtree(parts)
+    barrier()
     return path
 
 

@@ -105,10 +105,13 @@ def evaluate_corruptions(model: torch.nn.Module, images: np.ndarray, labels: np.
                          seed: int = 0, channels_last: bool = False, workers: int = 0,
                          progress: bool = False) -> dict:
     """Metrics (``METRICS``) of ``model`` on the clean images and on every
-    (type, severity); see the pipeline note above."""
+    (type, severity); see the pipeline note above. Under torchrun each rank
+    evaluates every ``world``-th condition (each one whole, so its metrics are
+    the single-process ones) and the ranks exchange their rows."""
     import torchvision.transforms.v2.functional as TF
     from tqdm import tqdm
 
+    from trainer import distributed
     from trainer.evaluation.calibration import calibration_metrics
 
     check_names(types, severities)
@@ -118,6 +121,7 @@ def evaluate_corruptions(model: torch.nn.Module, images: np.ndarray, labels: np.
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     target = torch.as_tensor(labels, dtype=torch.long)
     jobs = [(None, 0)] + [(t, sev) for t in types for sev in severities]
+    jobs = jobs[distributed.rank()::distributed.world_size()]
     spans = [(a, min(a + batch_size, len(images))) for a in range(0, len(images), batch_size)]
     model.eval()
 
@@ -143,6 +147,8 @@ def evaluate_corruptions(model: torch.nn.Module, images: np.ndarray, labels: np.
             out[job] = {k: metrics[k] for k in METRICS}
             logits = []
     bar.close()
+    if distributed.is_distributed():
+        out = {job: row for part in distributed.all_gather_objects(out) for job, row in part.items()}
     per = {t: {str(sev): out[(t, sev)] for sev in severities} for t in types}
 
     def avg(rows):
