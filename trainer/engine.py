@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -136,6 +137,8 @@ def ddp_wrap(model: torch.nn.Module, criterion: torch.nn.Module, device: torch.d
 
 class Trainer:
     def __init__(self, cfg: Config, role: str):
+        self.created_at, self.first_step_seconds = time.perf_counter(), None  # time to first step
+        self._logged: set = set()
         self.role_cfg = rc = role_settings(cfg, role)
         self.cfg, self.role = cfg, role
         self.device = setup_distributed(cfg)
@@ -234,26 +237,36 @@ class Trainer:
                               enabled=self.amp is not None)
 
     def train_step(self, batch, stats):
+        """One optimizer step. The ``record_function`` labels name the phases
+        for ``python -m benchmarks.loop_efficiency --profile`` (they cost ~1 us
+        when no profiler runs)."""
         if self.mixer is not None:
-            batch = self.mixer(batch, self.global_step)
-        t_probs, t_emb = self.targets(batch)
-        with self._autocast():
+            with record_function("mix"):
+                batch = self.mixer(batch, self.global_step)
+        with record_function("targets"):
+            t_probs, t_emb = self.targets(batch)
+        with record_function("forward_loss"), self._autocast():
             s_emb, s_logits = self.forward(batch.student, return_features=True)
             total, parts = self.loss_fn(s_logits.float(), s_emb.float(),
-                                          batch.one_hot(self.num_classes), t_probs, t_emb,
-                                          batch.indices)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+                                        batch.one_hot(self.num_classes), t_probs, t_emb,
+                                        batch.indices)
+        with record_function("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(total).backward()
+        with record_function("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
         self.global_step += 1
-        stats["loss"] += total.detach() * len(batch)
-        stats["correct"] += (s_logits.argmax(1) == batch.labels).sum()
-        stats["n"] += len(batch)
-        for k, v in parts.items():
-            stats.setdefault(k, torch.zeros((), device=self.device))
-            stats[k] += v.detach() * len(batch)
+        with record_function("stats"):
+            n = len(batch)
+            stats["loss"] += total.detach() * n
+            stats["correct"] += (s_logits.argmax(1) == batch.labels).sum()
+            stats["n"] += n
+            for k, v in parts.items():
+                if k not in stats:
+                    stats[k] = torch.zeros((), device=self.device)
+                stats[k] += v.detach() * n
 
     def train_loop(self) -> dict:
         self.model.train()
@@ -263,16 +276,25 @@ class Trainer:
         bar = tqdm(total=len(self.train_loader), initial=skip, disable=not self._live_progress(),
                    desc=f"{self.role} epoch {self.epoch}", leave=False)
         t0, n_images = time.perf_counter(), 0
-        for i, batch in enumerate(self.train_loader):
+        batches, i = iter(self.train_loader), -1
+        while True:
+            with record_function("data"):
+                batch = next(batches, None)
+            if batch is None:
+                break
+            i += 1
             if i < skip:
                 continue
             self.train_step(batch, stats)
+            if self.first_step_seconds is None:
+                self.first_step_seconds = time.perf_counter() - self.created_at
             self.step_in_epoch = i + 1
             n_images += len(batch)
             bar.update(1)
-            if self.global_step % max(1, self.cfg.run.log_every) == 0:
-                bar.set_postfix(loss=f"{(stats['loss'] / stats['n']).item():.3f}",
-                                img_s=f"{n_images / (time.perf_counter() - t0):.0f}")
+            if self.global_step % max(1, self.cfg.run.log_every) == 0 and bar.disable is False:
+                with record_function("logging"):
+                    bar.set_postfix(loss=f"{(stats['loss'] / stats['n']).item():.3f}",
+                                    img_s=f"{n_images / (time.perf_counter() - t0):.0f}")
             if self.cfg.run.checkpoint_every and self.global_step % self.cfg.run.checkpoint_every == 0:
                 self.save("last.pt")
             if self.cfg.run.max_steps and self.global_step >= self.cfg.run.max_steps:
@@ -365,6 +387,12 @@ class Trainer:
                 self.tb.add_scalar(k, v, record["epoch"])
         self.tb.flush()
 
+    def _validate_now(self, stopped: bool) -> bool:
+        """Validation after every ``run.val_every``-th epoch, and always after
+        the last one (or a ``max_steps`` stop), whose metrics the sweep reads."""
+        every = self.cfg.run.val_every
+        return stopped or self.epoch >= self.epochs or (every > 0 and self.epoch % every == 0)
+
     def fit(self) -> dict:
         last = {}
         while self.epoch < self.epochs:
@@ -373,10 +401,16 @@ class Trainer:
             stopped = bool(self.cfg.run.max_steps and self.global_step >= self.cfg.run.max_steps)
             if self.step_in_epoch >= self.steps_per_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            sync_buffers(unwrap(self.model))  # torchrun: every rank evaluates rank 0's model
-            val = self.val_loop()
+            val = {}
+            if self._validate_now(stopped):
+                with record_function("validation"):
+                    sync_buffers(unwrap(self.model))  # torchrun: every rank evaluates rank 0's model
+                    val = self.val_loop()
             last = {"epoch": self.epoch, "step": self.global_step, **train,
                     **{f"val_{k}": v for k, v in val.items()}, "epoch_seconds": time.perf_counter() - t0}
+            if self.first_step_seconds is not None and "time_to_first_step_s" not in self._logged:
+                last["time_to_first_step_s"] = self.first_step_seconds
+                self._logged.add("time_to_first_step_s")
             self.log(last)
             self._epoch_line(last)
             self.save("last.pt")

@@ -29,12 +29,15 @@ class RunSection:
     deterministic: bool = False  # bitwise-reproducible CPU runs (resume equality)
     checkpoint_every: int = 0  # steps between checkpoints (0: end of each epoch only)
     log_every: int = 50  # steps between progress-bar/metric syncs
+    val_every: int = 1  # validate after every N-th epoch and after the last (0: the last only)
     resume: bool = False
     max_steps: int = 0  # stop after this many optimizer steps (0: no limit)
     progress: bool = True
 
     def __post_init__(self):
         _choice("run.amp", self.amp, ("auto", "off", "bf16", "fp16"))
+        if self.val_every < 0:
+            raise ValueError(f"run.val_every must be >= 0, got {self.val_every}")
 
     @property
     def root(self) -> Path:
@@ -48,7 +51,7 @@ class DataSection:
     # or chosen (temperature scaling, the KD temperature, the sweep) uses it
     val_store: str = "stores/cifar100/val"
     test_store: str = "stores/cifar100/test"  # read only by evaluate and the reports
-    backend: str = "reference"  # reference | ffcv | dali
+    backend: str = "reference"  # reference | ffcv | dali | memory (decoded split held on the device)
     batch_size: int = 128
     eval_batch_size: int = 500
     num_workers: int = 2
