@@ -1,16 +1,28 @@
-"""End-to-end distillation on a CIFAR-100 subset: images/sec next to calibration.
+"""End-to-end distillation on a CIFAR-100 subset: images/sec and loop
+efficiency next to calibration.
 
-    python -m benchmarks.e2e [--quick] [--classes 10] [--train-per-class 100] [--json]
+    python -m benchmarks.e2e [--quick] [--classes 10] [--train-per-class 100] [--backend memory] [--json]
 
 Takes the first ``--classes`` classes of CIFAR-100 (``--train-per-class`` /
 ``--test-per-class`` files each, symlinked from the shared datasets), converts
 them into a temporary folder (not timed), then runs the trainer's own jobs
 (``trainer.jobs``) on the project recipe (``configs/cifar100.yaml``, with the
 sizes below overridden): teacher (CE at full resolution), teacher-logit cache,
-student KD from the cache, student KD + CutMix. For every training phase it
-reports train images/sec (median over epochs after the first, which pays for
-worker start-up and JIT compilation) next to the final val ECE and top-1, so a
-speed-up that costs calibration shows up in one place.
+student KD from the cache, student KD + CutMix, student KD from the online
+teacher. For every training phase it reports train images/sec (median over
+epochs after the first, which pays for worker start-up and JIT compilation)
+next to the final val ECE and top-1, so a speed-up that costs calibration
+shows up in one place, and:
+
+* **loop efficiency**: that rate over the plain PyTorch loop's
+  (:func:`benchmarks.loop_efficiency.plain_loop_images_per_sec`: the same
+  model, batch size, resolution, memory format and device, one fixed batch of
+  random tensors, forward + backward + SGD step), measured in this run just
+  before and just after the phase (median of both), so a machine whose speed
+  drifts moves numerator and denominator alike;
+* **time to first step**: from the ``Trainer``'s construction (stores opened,
+  loaders built, numba compiled or loaded from its cache) to the end of the
+  first optimizer step, from the job's ``log.jsonl``.
 
 Peak RSS per phase is that of this process and its loader workers while the
 phase runs; all phases share one process, so memory freed by an earlier phase
@@ -20,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -45,7 +58,8 @@ class E2ESettings:
     student_epochs: int = 10
     batch_size: int = 128
     num_views: int = 4
-    backend: str = "reference"
+    backend: str = "memory"
+    channels_last: bool = True
     workers: int = 2
     p_cutmix: float = 1.0
     seed: int = 0
@@ -99,23 +113,45 @@ def make_config(s: E2ESettings, stores: dict, out_dir: Path):
                        test_store=str(stores["test"]), backend=s.backend, batch_size=s.batch_size, num_workers=s.workers,
                        teacher_resolution=s.teacher_resolution,
                        student_resolution=s.student_resolution, student_factor=0.0,
-                       num_views=s.num_views)
+                       num_views=s.num_views, channels_last=s.channels_last)
     cfg.model = replace(cfg.model, teacher=s.teacher, student=s.student)
     # both set: the recipe has its own teacher_epochs (0 would mean "same as epochs")
     cfg.optim = replace(cfg.optim, epochs=s.student_epochs, teacher_epochs=s.teacher_epochs)
     return cfg
 
 
-def _epoch_rates(log: Path) -> list[float]:
-    return [json.loads(line)["train_images_per_sec"] for line in log.read_text().splitlines()]
+def _log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def phase_result(result: dict, log: Path, seconds: float, peak_mb: float) -> dict:
-    rates = _epoch_rates(log)
+def phase_result(result: dict, log: Path, seconds: float, peak_mb: float, plain: list[float]) -> dict:
+    records = _log(log)
+    rates = [r["train_images_per_sec"] for r in records]
     timed = rates[1:] if len(rates) > 1 else rates  # epoch 0 pays for start-up and JIT
-    return {"images_per_sec": summarize(timed), "epoch_images_per_sec": rates,
+    rate = summarize(timed)
+    base = statistics.median(plain)
+    return {"images_per_sec": rate, "epoch_images_per_sec": rates,
+            "plain_loop_images_per_sec": summarize(plain),
+            "loop_efficiency": {"median": rate["median"] / base, "min": rate["min"] / base,
+                                "max": rate["max"] / base, "n": rate["n"]},
+            "time_to_first_step_s": records[0].get("time_to_first_step_s"),
             "val_ece": result["val_ece"], "val_top1": result["val_top1"],
             "val_nll": result.get("val_nll"), "seconds": seconds, "peak_rss_mb": peak_mb}
+
+
+def plain_rates(cfg, role: str, num_classes: int, repeats: int = 3) -> list[float]:
+    """``repeats`` blocks of the plain loop for ``role``'s model and input (see module docstring)."""
+    import torch
+
+    from benchmarks.loop_efficiency import plain_loop_images_per_sec
+
+    d, m = cfg.data, cfg.model
+    arch, res, stem = ((m.teacher, d.teacher_resolution, m.teacher_low_res_stem) if role == "teacher"
+                       else (m.student, d.student_size, m.student_low_res_stem))
+    device = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
+    return [plain_loop_images_per_sec(arch, num_classes, d.batch_size, res, low_res_stem=stem,
+                                      channels_last=d.channels_last, device=device, repeats=1, steps=8)
+            for _ in range(repeats)]
 
 
 def run(s: E2ESettings, data: Path) -> dict:
@@ -129,32 +165,42 @@ def run(s: E2ESettings, data: Path) -> dict:
         convert_s = time.perf_counter() - t0
         cfg = make_config(s, stores, root / "runs")
 
-        def timed(fn, c):
+        from dataset_tools.stores.layout import open_store
+        classes = open_store(stores["train"]).num_classes
+
+        def timed(fn, c, role=None):
+            before = plain_rates(c, role, classes) if role else []
             with PeakRSS() as mem:
                 t = time.perf_counter()
                 r = fn(c)
-            return r, time.perf_counter() - t, mem.peak_mb
+            sec = time.perf_counter() - t
+            return r, sec, mem.peak_mb, before + (plain_rates(c, role, classes) if role else [])
 
-        r, sec, mb = timed(jobs.run_teacher, cfg)
+        r, sec, mb, plain = timed(jobs.run_teacher, cfg, "teacher")
         print(f"teacher: val top-1 {r['val_top1']:.3f}, ECE {r['val_ece']:.3f} ({sec:.0f} s)",
               file=sys.stderr)
-        out["teacher"] = phase_result(r, cfg.teacher_dir / "log.jsonl", sec, mb)
-        r, sec, mb = timed(jobs.run_cache, cfg)
+        out["teacher"] = phase_result(r, cfg.teacher_dir / "log.jsonl", sec, mb, plain)
+        r, sec, mb, _ = timed(jobs.run_cache, cfg)
         views = r["num_samples"] * r["num_views"]
         out["cache"] = {"images_per_sec": summarize([views / r["seconds"]]), "seconds": sec,
                         "peak_rss_mb": mb, "fp16_max_abs_error": r["fp16_max_abs_error"]}
         student = cfg
-        for tag, mix in (("student_kd", {}), ("student_kd_cutmix", {"p_cutmix": s.p_cutmix})):
-            c = replace(student, run=replace(student.run, tag=tag), mix=replace(student.mix, **mix))
-            r, sec, mb = timed(jobs.run_distill, c)
+        for tag, mix, targets in (("student_kd", {}, "cached"),
+                                  ("student_kd_cutmix", {"p_cutmix": s.p_cutmix}, "cached"),
+                                  ("student_kd_online", {}, "online")):
+            c = replace(student, run=replace(student.run, tag=tag), mix=replace(student.mix, **mix),
+                        distill=replace(student.distill, targets=targets))
+            r, sec, mb, plain = timed(jobs.run_distill, c, "student")
             print(f"{tag}: val top-1 {r['val_top1']:.3f}, ECE {r['val_ece']:.3f} ({sec:.0f} s)",
                   file=sys.stderr)
-            out[tag] = phase_result(r, c.student_dir / "log.jsonl", sec, mb)
+            out[tag] = phase_result(r, c.student_dir / "log.jsonl", sec, mb, plain)
     loss = cfg.loss
     return {
         "benchmark": "end-to-end distillation on a CIFAR-100 subset (trainer.jobs)",
-        "method": "train images/sec = median over epochs after the first; val ECE/top-1 of the "
-                  "final epoch; conversion not timed",
+        "method": "train images/sec = median over epochs after the first; loop efficiency = that "
+                  "over the plain PyTorch loop's images/sec (same model, batch, resolution, memory "
+                  "format, device; 3 blocks before and 3 after the phase, median); val ECE/top-1 of "
+                  "the final epoch; conversion not timed",
         "settings": {**asdict(s), "recipe": str(RECIPE.relative_to(_REPO)),
                      "loss": {"ce": loss.ce, "kd": loss.kd, "temperature": loss.temperature},
                      "config": json.loads(json.dumps(asdict(cfg), default=str)),
@@ -193,11 +239,14 @@ def main(argv=None) -> int:
     if a.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"{'phase':18s} {'img/s':>9s} {'val ECE':>8s} {'top-1':>7s} {'peak MB':>8s}")
+        print(f"{'phase':18s} {'img/s':>9s} {'loop eff.':>9s} {'1st step s':>10s} {'val ECE':>8s} "
+              f"{'top-1':>7s} {'peak MB':>8s}")
+        nan = float("nan")
         for name, r in report["results"].items():
-            print(f"{name:18s} {r['images_per_sec']['median']:9.0f} "
-                  f"{r.get('val_ece', float('nan')):8.3f} {r.get('val_top1', float('nan')):7.3f} "
-                  f"{r['peak_rss_mb']:8.0f}")
+            eff = r.get("loop_efficiency", {}).get("median", nan)
+            first = r.get("time_to_first_step_s") or nan
+            print(f"{name:18s} {r['images_per_sec']['median']:9.0f} {eff:9.2f} {first:10.1f} "
+                  f"{r.get('val_ece', nan):8.3f} {r.get('val_top1', nan):7.3f} {r['peak_rss_mb']:8.0f}")
     return 0
 
 

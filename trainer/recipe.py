@@ -51,7 +51,9 @@ class DataSection:
     # or chosen (temperature scaling, the KD temperature, the sweep) uses it
     val_store: str = "stores/cifar100/val"
     test_store: str = "stores/cifar100/test"  # read only by evaluate and the reports
-    backend: str = "reference"  # reference | ffcv | dali | memory (decoded split held on the device)
+    # memory (the decoded split held on the training device: small datasets, the
+    # fastest) | ffcv | dali (stream from disk: large datasets) | reference (the oracle)
+    backend: str = "memory"
     batch_size: int = 128
     eval_batch_size: int = 500
     num_workers: int = 2
