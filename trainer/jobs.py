@@ -7,15 +7,14 @@ temperature scaling, the sweep); ``data.test_store`` is read only by
 ``evaluate`` and the reports."""
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from dataset_tools.atomic import write_json_atomic as write_json
+from dataset_tools.progress import progress
 from dataset_tools.stores.layout import open_store
 from pipelines.loader import create_loader
 from trainer.checkpoint import load_checkpoint
@@ -96,7 +95,8 @@ def run_cache(cfg: Config) -> dict:
     teacher, whash = load_teacher(cfg, store.num_classes, device)
     key = cache_key(cfg, whash, store.fingerprint, device=device, amp=amp_dtype(cfg, device))
     autocast = _autocast_for(cfg, device)
-    bar = tqdm(total=store.num_samples * d.num_views, desc="teacher logits", disable=not (cfg.run.progress and sys.stderr.isatty()))
+    bar = progress(total=store.num_samples * d.num_views, desc="teacher cache", unit="img",
+                   enabled=cfg.run.progress)
     t0 = time.perf_counter()
 
     def view_batches(v):
@@ -160,8 +160,9 @@ def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
     model = model.to(device)
     with _eval_loader(cfg, "test", ck["student_resolution"], device) as loader:
         autocast = _autocast_for(cfg, device)
-        metrics = evaluate_model(model, loader, autocast)
-        logits, labels = collect_logits(model, loader, autocast)
+        shown = dict(total=len(loader), unit="batch", enabled=cfg.run.progress)
+        metrics = evaluate_model(model, progress(loader, desc=f"evaluate {path.name}", **shown), autocast)
+        logits, labels = collect_logits(model, progress(loader, desc="test logits", **shown), autocast)
     png = path.with_name(path.stem + "_reliability.png")
     reliability_diagram(logits, labels, png, title=f"{ck['arch']} @ {ck['student_resolution']}px")
     result = {"checkpoint": str(path), "arch": ck["arch"], "resolution": ck["student_resolution"],

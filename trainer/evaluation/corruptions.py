@@ -107,7 +107,7 @@ def evaluate_corruptions(model: torch.nn.Module, images: np.ndarray, labels: np.
     """Metrics (``METRICS``) of ``model`` on the clean images and on every
     (type, severity); see the pipeline note above."""
     import torchvision.transforms.v2.functional as TF
-    from tqdm import tqdm
+    from dataset_tools.progress import progress as progress_bar
 
     from trainer.evaluation.calibration import calibration_metrics
 
@@ -132,7 +132,7 @@ def evaluate_corruptions(model: torch.nn.Module, images: np.ndarray, labels: np.
     items = [(job, span) for job in jobs for span in spans]
     out: dict = {}
     logits = []
-    bar = tqdm(total=len(items), desc="corruptions", disable=not progress)
+    bar = progress_bar(total=len(items), desc="corruptions", unit="batch", enabled=progress)
     for (job, (a, b)), x in zip(items, _prefetch(prepare, items, workers)):
         x = ((x.to(device).float() - m) / s).contiguous(memory_format=fmt)
         with autocast():
