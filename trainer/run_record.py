@@ -23,7 +23,7 @@ import yaml
 
 from dataset_tools.atomic import write_text_atomic
 from trainer.recipe import NON_RESULT_KEYS, Config
-from trainer.yaml_config import ConfigError, flatten, to_yaml
+from trainer.yaml_config import ConfigError, flatten, read_yaml, to_yaml
 
 CONFIG_NAME = "config.yaml"
 RESUMABLE_CHANGES = NON_RESULT_KEYS + ("run.max_steps",)
@@ -67,7 +67,7 @@ def check_resume(cfg: Config, folder: Path, role: str = "student") -> None:
     if not (cfg.run.resume and (folder / "last.pt").is_file() and saved_path.is_file()):
         return  # nothing to resume (a fresh start), or a run from before config.yaml existed
     try:
-        saved = yaml.safe_load(saved_path.read_text()) or {}
+        saved = read_yaml(saved_path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{saved_path}: unreadable ({e}); remove it to resume under the "
                           f"current config") from None

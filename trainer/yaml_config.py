@@ -14,22 +14,42 @@ installed library does typed nested dataclasses + dotted overrides
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import yaml
 
 from dataset_tools.settings import (ConfigError, choice_problem, close_matches, field_choices,
                                     field_help)
 
-__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "to_yaml", "flatten",
+__all__ = ["ConfigError", "load_config", "from_dict", "to_dict", "to_yaml", "read_yaml", "flatten",
            "describe", "format_keys", "parse_overrides"]
 
 Origins = dict  # dotted key -> where its value came from ("configs/x.yaml", "override k=v")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with the booleans and floats of YAML 1.2: true and false only are
+    booleans (YAML 1.1 also reads on/off/yes/no, which would make ``run.amp:
+    off`` False), and ``1e-3`` is a number (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def read_yaml(text: str):
+    """Parse YAML text as the config loader does (YAML 1.2 booleans and floats)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _origin(origins: Origins, key: str) -> str:
@@ -210,7 +230,7 @@ def _split_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=0.1")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = read_yaml(raw) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item}: the value is not valid YAML ({e.problem}); quote "
                           f"it, e.g. {key.strip()}='\"...\"'") from None
@@ -242,7 +262,7 @@ def load_config(cls, path: Optional[str | Path] = None, overrides: Optional[list
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found (see configs/ for examples)")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from e
         if not isinstance(loaded, dict):
