@@ -23,7 +23,7 @@ import yaml
 
 from dataset_tools.atomic import write_text_atomic
 from trainer.recipe import NON_RESULT_KEYS, Config
-from trainer.yaml_config import ConfigError, flatten, read_yaml, to_yaml
+from trainer.yaml_config import ConfigError, flatten, read_yaml, to_yaml, yaml_problem
 
 CONFIG_NAME = "config.yaml"
 RESUMABLE_CHANGES = NON_RESULT_KEYS + ("run.max_steps",)
@@ -69,8 +69,8 @@ def check_resume(cfg: Config, folder: Path, role: str = "student") -> None:
     try:
         saved = read_yaml(saved_path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{saved_path}: unreadable ({e}); remove it to resume under the "
-                          f"current config") from None
+        raise ConfigError(f"{saved_path}: unreadable ({yaml_problem(e)}); remove it to resume "
+                          f"under the current config") from None
     diffs = result_differences(saved, cfg, role)
     if diffs:
         beside = "run.name" if role == "teacher" else "run.tag"

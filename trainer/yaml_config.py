@@ -52,6 +52,13 @@ def read_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what and where (PyYAML's message spans lines)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or e}{where}"
+
+
 def _origin(origins: Origins, key: str) -> str:
     """Where ``key``'s value came from: its own entry, a parent's, or (for a
     section) those of the keys under it; "defaults" when none was given."""
@@ -264,7 +271,7 @@ def load_config(cls, path: Optional[str | Path] = None, overrides: Optional[list
         try:
             loaded = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+            raise ConfigError(f"{path}: invalid YAML: {yaml_problem(e)}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
         data = _merge(data, loaded)

@@ -137,3 +137,11 @@ def test_python_m_trainer_cli_bad_value_has_no_traceback():
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert r.stderr == ("error: override optim.schedule=steps: optim.schedule='steps' is not one of cosine, "
                         "step (did you mean 'step'?)\n(set CQKD_DEBUG=1 for the traceback)\n")
+
+
+def test_version_of_an_uninstalled_checkout(monkeypatch):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    assert cli.version() == "unknown (not installed: pip install -e .)"

@@ -118,6 +118,10 @@ def test_errors_in_the_file_name_the_file(tmp_path):
     # an override fixes the file's bad value: the override wins, no error
     path.write_text("run: {amp: bf61}\n")
     assert load_config(Config, path, ["run.amp=off"]).run.amp == "off"
+    path.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Config, path)
+    assert str(err.value) == f"{path}: invalid YAML: expected ',' or ']', but got '<stream end>' at line 2, column 1"
     # a section-level check names every origin in play
     path.write_text("mix: {p_mixup: 0.8}\n")
     with pytest.raises(ConfigError, match=rf"^{path}, override mix.p_cutmix=0.8: MixConfig: p_mixup"):
@@ -173,3 +177,12 @@ def test_yaml_1_2_booleans_and_floats(tmp_path):
     again = tmp_path / "config.yaml"
     again.write_text(to_yaml(cfg))
     assert load_config(Config, again) == cfg
+
+
+def test_a_setting_needs_one_line_of_help():
+    from dataset_tools.settings import setting
+
+    with pytest.raises(ValueError, match="a setting's help is one non-empty line"):
+        setting(1, "")
+    with pytest.raises(ValueError, match="a setting's help is one non-empty line"):
+        setting(1, "two\nlines")

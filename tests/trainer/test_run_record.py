@@ -119,3 +119,14 @@ def test_a_run_writes_its_resolved_config_and_refuses_a_changed_resume(interrupt
     assert out["epoch"] == 1 and (cfg.teacher_dir / "final.pt").is_file()
     assert load_checkpoint(cfg.teacher_dir / "final.pt")["global_step"] == out["step"] > 3
     assert load_config(Config, saved) == ok  # rewritten at the resumed start
+
+
+def test_an_unreadable_saved_config_is_named(tmp_path):
+    (tmp_path / "config.yaml").write_text("run: [unclosed\n")
+    (tmp_path / "last.pt").write_bytes(b"")
+    cfg = replace(Config(), run=replace(Config().run, resume=True))
+    with pytest.raises(ConfigError) as err:
+        check_resume(cfg, tmp_path)
+    assert str(err.value) == (f"{tmp_path}/config.yaml: unreadable (expected ',' or ']', but got "
+                              f"'<stream end>' at line 2, column 1); remove it to resume under the "
+                              f"current config")
