@@ -29,6 +29,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from dataset_tools.errors import CqkdError, exit_with_error
 from dataset_tools.locate import shared_datasets_dir
 from dataset_tools.stores.layout import StoreError, open_store
 from trainer.checkpoint import load_checkpoint
@@ -372,8 +373,11 @@ def main(argv=None) -> int:
         args.val_fraction = 0.1 if args.full else 0.2
     if args.per_class is None:
         args.per_class = 0 if args.full else 100
-    cfg = load_config(Config, args.config, args.overrides)
-    run(cfg, args)
+    try:
+        cfg = load_config(Config, args.config, args.overrides)
+        run(cfg, args)
+    except CqkdError as e:  # a bad key or value, a refused resume, a damaged store ...
+        return exit_with_error(e)
     return 0
 
 

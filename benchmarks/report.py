@@ -1,7 +1,8 @@
 """``runs/<name>/report.md``: the demo's headline and table, the reliability
-curves of teacher and students overlaid in one figure, the sweep's plot, a
-throughput plot and the per-model reliability diagrams (matplotlib, written
-atomically)."""
+curves of teacher and students overlaid in one figure (from the test logits
+files evaluate writes), the sweep's validation top-1 and ECE against T (its
+own plot, when there is a sweep), a throughput plot and the per-model
+reliability diagrams (matplotlib, written atomically)."""
 from __future__ import annotations
 
 import io
@@ -48,46 +49,78 @@ def throughput_plot(summary: dict, path: Path) -> Path:
     return _save(fig, path)
 
 
-def reliability_overlay(summary: dict, path: Path) -> Path:
-    """Accuracy against confidence (equal-width bins) of every model's saved
-    test logits (the first seed of each student), one curve each."""
+def reliability_curves(summary: dict) -> dict[str, dict]:
+    """Each model's reliability curve (:func:`reliability_curve`, the binning
+    of the ECE in the table) from the test logits its evaluate wrote (the
+    first seed of each student); models without a logits file are left out."""
     import torch
 
+    from trainer.evaluation.calibration import reliability_curve
+
+    curves = {}
+    for name, r in summary["results"].items():
+        if r.get("logits_file") and Path(r["logits_file"]).is_file():
+            saved = torch.load(r["logits_file"], weights_only=True)
+            curves[name] = {**reliability_curve(saved["logits"], saved["labels"], BINS), "ece": r["ece"]}
+    return curves
+
+
+def overlay_figure(curves: dict[str, dict]) -> Figure:
+    """Accuracy against confidence, one curve per model, over the diagonal."""
     fig = Figure(figsize=(5.5, 5), dpi=110)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
-    for name, r in summary["results"].items():
-        if not r.get("logits_file") or not Path(r["logits_file"]).is_file():
-            continue
-        saved = torch.load(r["logits_file"], weights_only=True)
-        conf, pred = saved["logits"].float().softmax(1).max(1)
-        hit = (pred == saved["labels"]).float()
-        bins = (conf * BINS).long().clamp(max=BINS - 1)
-        count = torch.bincount(bins, minlength=BINS).float()
-        acc = torch.bincount(bins, hit, minlength=BINS) / count.clamp(min=1)
-        mconf = torch.bincount(bins, conf, minlength=BINS) / count.clamp(min=1)
-        keep = count > 0
-        ax.plot(mconf[keep].numpy(), acc[keep].numpy(), "o-", ms=3,
-                label=f"{name} (ECE {r['ece']:.3f})")
+    for name, c in curves.items():
+        ax.plot(c["confidence"].numpy(), c["accuracy"].numpy(), "o-", ms=3,
+                label=f"{name} (ECE {c['ece']:.3f})")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
            title="reliability on the test split")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
+
+
+def reliability_overlay(summary: dict, path: Path) -> tuple[Path, list[str]]:
+    """The overlay figure at ``path``, and the models it could not draw."""
+    curves = reliability_curves(summary)
+    _save(overlay_figure(curves), path)
+    return path, [n for n in summary["results"] if n not in curves]
+
+
+def sweep_plot(sweep: dict, root: Path) -> Path:
+    """The sweep's own plot (``trainer.sweep.plot_sweep``), drawn again beside
+    the report if its file is gone."""
+    from trainer.sweep import plot_sweep
+
+    path = Path(sweep.get("plot") or root / "sweep.png")
+    return path if path.is_file() else plot_sweep(sweep, root / "sweep.png")
 
 
 def _cell(r: dict, key: str) -> str:
     return f"{r[key]:.3f} ± {r[f'{key}_std']:.3f}" if r.get("seeds", 1) > 1 else f"{r[key]:.3f}"
 
 
+def _sweep_lines(sw: dict, root: Path) -> list[str]:
+    ch = sw["choice"]
+    lines = ["## The temperature sweep (validation split)", "",
+             f"![sweep]({os.path.relpath(sweep_plot(sw, root), root)})", "",
+             "| objective | calibrated teacher | T | val top-1 | val ECE |", "|---|---|---|---|---|"]
+    for r in sw["runs"]:
+        star = " **(chosen)**" if r["tag"] == ch["tag"] else ""
+        lines.append(f"| {r['objective']}{star} | {r['calibrated']} | {r['temperature']:g} | "
+                     f"{r['val_top1']:.3f} | {r['val_ece']:.3f} |")
+    return lines + [""]
+
+
 def write_report(root: Path, summary: dict) -> Path:
+    """``root/report.md`` and its figures; the sweep's part only when the
+    summary has a sweep."""
     from benchmarks.demo import headline
 
     root = Path(root)
     plot = throughput_plot(summary, root / "throughput.png")
-    overlay = reliability_overlay(summary, root / "reliability_overlay.png")
-    m, c, sw = summary["machine"], summary["calibration"], summary["sweep"]
-    ch, cost = sw["choice"], sw["cost"]
+    overlay, undrawn = reliability_overlay(summary, root / "reliability_overlay.png")
+    m, c, sw = summary["machine"], summary["calibration"], summary.get("sweep")
     lines = [f"# CQKD demo report: `{root.name}`", "",
              f"Machine: {m.get('cpu')}, {m.get('logical_cores')} logical cores, GPU: {m.get('gpu') or 'none'}; "
              f"commit {m.get('git_commit')}. Recipe: `{summary['config']}`. Wall time "
@@ -96,16 +129,18 @@ def write_report(root: Path, summary: dict) -> Path:
              "",
              f"Splits: train `{summary['splits']['train']}`, validation `{summary['splits']['val']}` "
              f"({summary['splits']['val_fraction']:.0%} of each training class, held out at convert time; "
-             f"everything fitted or chosen uses it), test `{summary['splits']['test']}` (this table only).", "",
-             f"The recommended student: the sweep's choice on the validation split, T = {ch['temperature']:g}, "
-             f"objective `{ch['objective']}`, calibrated teacher {'on' if ch['calibrated'] else 'off'} "
-             f"(rule: {sw['rule']}). The sweep trained {len(sw['runs'])} students from the cache in "
-             f"{cost['seconds']:.0f} s"
-             + (f"; with the online teacher the same sweep would take about "
-                f"{cost['online_teacher_seconds_estimate']:.0f} s" if cost.get('online_teacher_seconds_estimate')
-                else "") + ".", "",
-             "| model | seeds | top-1 | ECE | NLL | Brier | train img/s | loop efficiency | eval img/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"everything fitted or chosen uses it), test `{summary['splits']['test']}` (this table only).", ""]
+    if sw:
+        ch, cost = sw["choice"], sw["cost"]
+        lines += [f"The recommended student: the sweep's choice on the validation split, T = {ch['temperature']:g}, "
+                  f"objective `{ch['objective']}`, calibrated teacher {'on' if ch['calibrated'] else 'off'} "
+                  f"(rule: {sw['rule']}). The sweep trained {len(sw['runs'])} students from the cache in "
+                  f"{cost['seconds']:.0f} s"
+                  + (f"; with the online teacher the same sweep would take about "
+                     f"{cost['online_teacher_seconds_estimate']:.0f} s" if cost.get('online_teacher_seconds_estimate')
+                     else "") + ".", ""]
+    lines += ["| model | seeds | top-1 | ECE | NLL | Brier | train img/s | loop efficiency | eval img/s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in summary["results"].items():
         lines.append(f"| {name} | {r.get('seeds', 1)} | {_cell(r, 'top1')} | {_cell(r, 'ece')} | "
                      f"{r['nll']:.3f} | {r['brier']:.3f} | {r.get('train_images_per_sec', float('nan')):.0f} | "
@@ -118,15 +153,12 @@ def write_report(root: Path, summary: dict) -> Path:
               f"{summary['plain_loop_images_per_sec']['teacher']:.0f}, student "
               f"{summary['plain_loop_images_per_sec']['student']:.0f} images/sec.", "",
               "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()),
-              "", "## Reliability of teacher and students", "", f"![reliability]({overlay.name})", "",
-              "## The temperature sweep (validation split)", "",
-              f"![sweep]({os.path.relpath(sw['plot'], root)})", "",
-              "| objective | calibrated teacher | T | val top-1 | val ECE |", "|---|---|---|---|---|"]
-    for r in sw["runs"]:
-        star = " **(chosen)**" if r["tag"] == ch["tag"] else ""
-        lines.append(f"| {r['objective']}{star} | {r['calibrated']} | {r['temperature']:g} | "
-                     f"{r['val_top1']:.3f} | {r['val_ece']:.3f} |")
-    lines += ["", "## Throughput and calibration", "", f"![throughput]({plot.name})", "",
+              "", "## Reliability of teacher and students", "", f"![reliability]({overlay.name})", ""]
+    if undrawn:
+        lines += [f"Not drawn (no test logits file): {', '.join(undrawn)}.", ""]
+    if sw:
+        lines += _sweep_lines(sw, root)
+    lines += ["## Throughput and calibration", "", f"![throughput]({plot.name})", "",
               "## Reliability diagrams (first seed)", ""]
     for name, r in summary["results"].items():
         png = Path(r["reliability_diagram"])

@@ -50,11 +50,11 @@ from dataclasses import asdict, dataclass
 from typing import Iterator, Optional
 
 import numpy as np
-from tqdm import tqdm
 
 from dataset_tools.stores import manifest as mf
 from dataset_tools.atomic import Staging, write_text_atomic
 from dataset_tools.errors import CqkdError, debug_enabled
+from dataset_tools.progress import progress as progress_bar
 from dataset_tools.stores.layout import MANIFEST_NAME
 
 FORMATS = ("ffcv", "dali")
@@ -383,9 +383,8 @@ def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOpt
                 results = stack.enter_context(contextlib.closing(_parallel_map(
                     functools.partial(prepare_sample, enc), source.items, workers, chunksize,
                     initializer=worker_init)))
-                for pos, res in enumerate(tqdm(results, total=n, unit="img", desc=desc,
-                                               disable=not progress, mininterval=0.5,
-                                               file=sys.stderr)):
+                for pos, res in enumerate(progress_bar(results, total=n, unit="img", desc=desc,
+                                                       enabled=progress, mininterval=0.5)):
                     part = parts[owner[pos]]
                     if isinstance(res, Rejected):
                         if opts.on_error == "fail":

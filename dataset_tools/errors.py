@@ -18,3 +18,15 @@ def debug_enabled() -> bool:
     import os
 
     return os.environ.get("CQKD_DEBUG", "") not in ("", "0")
+
+
+def exit_with_error(e: BaseException, status: int = 2) -> int:
+    """The CLIs' report of a user-facing error: ``error: <message>`` on
+    stderr, one line plus the hint, and the exit status to return;
+    ``CQKD_DEBUG=1`` re-raises it instead (the traceback)."""
+    import sys
+
+    if debug_enabled():
+        raise e
+    print(f"error: {e}\n(set CQKD_DEBUG=1 for the traceback)", file=sys.stderr)
+    return status

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.distributions import Gamma
 
+from dataset_tools.settings import check_choices, setting
 from pipelines.batch import Batch, MixParams
 
 MODES = ("none", "mixup", "cutmix", "cutout")
@@ -49,14 +50,15 @@ class MixConfig:
     ``p_mixup``, CutMix with ``p_cutmix``, cutout with ``p_cutout``, none with
     the rest (like timm's ``mixup_prob``/``switch_prob``, but general)."""
 
-    mixup_alpha: float = 1.0  # lambda ~ Beta(alpha, alpha)
-    cutmix_alpha: float = 1.0
-    p_mixup: float = 0.0
-    p_cutmix: float = 0.0
-    p_cutout: float = 0.0
-    cutout_fraction: float = 0.5  # cutout box side as a fraction of the image side
-    per_sample_lambda: bool = True  # one lambda per sample, else one per batch
-    partner: str = "randperm"  # "randperm": random permutation; "flip": batch reversed
+    mixup_alpha: float = setting(1.0, "mixup: lambda ~ Beta(alpha, alpha)")
+    cutmix_alpha: float = setting(1.0, "CutMix: lambda ~ Beta(alpha, alpha)")
+    p_mixup: float = setting(0.0, "probability of a mixup batch")
+    p_cutmix: float = setting(0.0, "probability of a CutMix batch")
+    p_cutout: float = setting(0.0, "probability of a cutout batch (none: the rest)")
+    cutout_fraction: float = setting(0.5, "cutout box side as a fraction of the image side")
+    per_sample_lambda: bool = setting(True, "one lambda per sample, else one per batch")
+    partner: str = setting("randperm", "mixing partner: a random permutation, or the batch reversed",
+                           choices=PARTNERS)
 
     def __post_init__(self):
         probs = (self.p_mixup, self.p_cutmix, self.p_cutout)
@@ -71,8 +73,7 @@ class MixConfig:
         if not 0.0 < self.cutout_fraction <= 1.0:
             raise ValueError(f"MixConfig: cutout_fraction must be in (0, 1], "
                              f"got {self.cutout_fraction}")
-        if self.partner not in PARTNERS:
-            raise ValueError(f"MixConfig: partner must be one of {PARTNERS}, got {self.partner!r}")
+        check_choices(self, "mix")
 
     @property
     def p_none(self) -> float:

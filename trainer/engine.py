@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -25,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
+from dataset_tools.progress import log_line, progress
 from pipelines.loader import create_loader
 from pipelines.mixing import Mixer
 from trainer.data import cache_key, loader_config
@@ -41,6 +40,7 @@ from trainer.distill.loss_config import LossConfig
 from trainer.distill.targets import CachedTargets, NoTargets, OnlineTargets
 from trainer.models import create_model
 from trainer.recipe import Config
+from trainer.run_record import check_resume, write_resolved_config
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -140,6 +140,7 @@ class Trainer:
         self.created_at, self.first_step_seconds = time.perf_counter(), None  # time to first step
         self._logged: set = set()
         self.role_cfg = rc = role_settings(cfg, role)
+        check_resume(cfg, rc.out_dir, role)  # a changed recipe fails now, before any work
         self.cfg, self.role = cfg, role
         self.device = setup_distributed(cfg)
         seed_everything(cfg.run.seed, cfg.run.deterministic)
@@ -174,6 +175,7 @@ class Trainer:
         self.forward = torch.compile(self.model) if cfg.run.compile else self.model
         if is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_resolved_config(cfg, self.out_dir)
         self.log_path = self.out_dir / "log.jsonl"
         self.tb = SummaryWriter(str(self.out_dir / "tb")) if is_main() else None
         if cfg.run.resume:
@@ -273,8 +275,8 @@ class Trainer:
         self.train_loader.set_epoch(self.epoch)
         stats = {k: torch.zeros((), device=self.device) for k in ("loss", "correct", "n")}
         skip = self.step_in_epoch  # resuming mid-epoch: replay the same order, skip done steps
-        bar = tqdm(total=len(self.train_loader), initial=skip, disable=not self._live_progress(),
-                   desc=f"{self.role} epoch {self.epoch}", leave=False)
+        bar = progress(total=len(self.train_loader), initial=skip, enabled=is_main() and self.cfg.run.progress,
+                       desc=f"{self.role} epoch {self.epoch}", leave=False, final_line=False)
         t0, n_images = time.perf_counter(), 0
         batches, i = iter(self.train_loader), -1
         while True:
@@ -365,17 +367,14 @@ class Trainer:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     # ------------------------------------------------------------------- fit
-    def _live_progress(self) -> bool:
-        """A progress bar only on a terminal; logs get one line per epoch (:meth:`fit`)."""
-        return is_main() and self.cfg.run.progress and sys.stderr.isatty()
-
     def _epoch_line(self, rec: dict) -> None:
-        if not (is_main() and self.cfg.run.progress) or self._live_progress():
+        """One line per epoch (dataset_tools/progress.py: above the bar on a terminal)."""
+        if not (is_main() and self.cfg.run.progress):
             return
         val = f", val top-1 {rec['val_top1']:.3f}, val ECE {rec['val_ece']:.3f}" if "val_top1" in rec else ""
-        print(f"{self.role} epoch {rec['epoch']}/{self.epochs}: loss {rec['loss']:.3f}, train acc "
-              f"{rec['train_acc']:.3f}{val}, {rec['train_images_per_sec']:.0f} img/s, "
-              f"{rec['epoch_seconds']:.1f} s", flush=True)
+        log_line(f"{self.role} epoch {rec['epoch']}/{self.epochs}: loss {rec['loss']:.3f}, train acc "
+                 f"{rec['train_acc']:.3f}{val}, {rec['train_images_per_sec']:.0f} img/s, "
+                 f"{rec['epoch_seconds']:.1f} s")
 
     def log(self, record: dict) -> None:
         if not is_main():

@@ -15,22 +15,21 @@ files, and every job ends at a barrier, so what it wrote is there for the
 next job on any rank."""
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from dataset_tools.atomic import write_json_atomic as write_json
+from dataset_tools.progress import progress
 from dataset_tools.stores.layout import open_store
 from pipelines.loader import create_loader
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint
 from trainer.data import cache_key, loader_config
 from trainer.distill.logit_cache import LogitCache, fill_cache
-from trainer.engine import Trainer, amp_dtype, collect_logits, evaluate_model, load_teacher, setup_distributed
+from trainer.engine import Trainer, amp_dtype, collect_logits, load_teacher, setup_distributed
 from trainer.evaluation.calibration import calibration_metrics, reliability_diagram
 from trainer.evaluation.temperature import fit_temperature
 from trainer.models import create_model
@@ -115,8 +114,8 @@ def run_cache(cfg: Config) -> dict:
     key = cache_key(cfg, whash, store.fingerprint, device=device, amp=amp_dtype(cfg, device))
     autocast = _autocast_for(cfg, device)
     rank, world = distributed.rank(), distributed.world_size()
-    bar = tqdm(total=-(-store.num_samples // world) * d.num_views, desc="teacher logits",
-               disable=not (distributed.is_main() and cfg.run.progress and sys.stderr.isatty()))
+    bar = progress(total=-(-store.num_samples // world) * d.num_views, desc="teacher cache", unit="img",
+                   enabled=cfg.run.progress and distributed.is_main())
     t0 = time.perf_counter()
 
     def view_batches(v):
@@ -184,9 +183,10 @@ def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
     path, ck, model = _load_evaluable(cfg, checkpoint, open_store(cfg.data.test_store).num_classes)
     model = model.to(device)
     with _eval_loader(cfg, "test", ck["student_resolution"], device) as loader:
-        autocast = _autocast_for(cfg, device)
-        metrics = evaluate_model(model, loader, autocast)
-        logits, labels = collect_logits(model, loader, autocast)
+        t0 = time.perf_counter()  # one pass: the metrics come from the collected logits
+        logits, labels = collect_logits(model, loader, _autocast_for(cfg, device))
+        metrics = calibration_metrics(logits, labels)
+        metrics["eval_images_per_sec"] = len(labels) / max(time.perf_counter() - t0, 1e-9)
     png = path.with_name(path.stem + "_reliability.png")
     result = {"checkpoint": str(path), "arch": ck["arch"], "resolution": ck["student_resolution"],
               "store": cfg.data.test_store, "split": "test", **metrics, "reliability_diagram": str(png),

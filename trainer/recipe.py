@@ -1,43 +1,54 @@
 """The declared config sections of a run (YAML files in ``configs/``).
 
 ``python -m trainer JOB --config configs/cifar100.yaml optim.lr=0.1 ...``
+
+Every key is declared with :func:`dataset_tools.settings.setting` (default,
+one line of help, valid values), which ``--help-config`` prints.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from dataset_tools.settings import ConfigError, check_choices, setting
+from pipelines.loader import BACKENDS
 from pipelines.mixing import MixConfig
 from pipelines.views import ViewConfig
 from trainer.distill.loss_config import KD_OBJECTIVES, LossConfig
 
 
-def _choice(key: str, value, valid: tuple) -> None:
-    if value not in valid:
-        raise ValueError(f"{key}={value!r} is not one of {', '.join(map(str, valid))}")
-
-
 @dataclass
 class RunSection:
-    name: str = "cifar100"  # runs/<name>/ holds teacher, cache and students
-    tag: str = "student"  # sub-folder of one distillation run (e.g. kd, kd_cutmix)
-    out_dir: str = "runs"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
-    compile: bool = False  # torch.compile the model
-    deterministic: bool = False  # bitwise-reproducible CPU runs (resume equality)
-    checkpoint_every: int = 0  # steps between checkpoints (0: end of each epoch only)
-    log_every: int = 50  # steps between progress-bar/metric syncs
-    val_every: int = 1  # validate after every N-th epoch and after the last (0: the last only)
-    resume: bool = False
-    max_steps: int = 0  # stop after this many optimizer steps (0: no limit)
-    progress: bool = True
+    """Where a run writes and how it runs."""
+
+    name: str = setting("cifar100", "runs/<out_dir>/<name>/ holds the teacher, its cache and the students")
+    tag: str = setting("student", "sub-folder of one distillation run (e.g. kd, kd_cutmix)")
+    out_dir: str = setting("runs", "folder of all runs")
+    seed: int = setting(0, "seeds model init and mixing (data.view_seed seeds the views)")
+    device: str = setting("auto", "auto (CUDA if present, else CPU) | cpu | cuda | cuda:N")
+    amp: str = setting("auto", "mixed precision; auto: bf16 on CUDA, off on CPU",
+                       choices=("auto", "off", "bf16", "fp16"))
+    compile: bool = setting(False, "torch.compile the model")
+    deterministic: bool = setting(False, "bitwise-reproducible CPU runs (resume equality)")
+    checkpoint_every: int = setting(0, "steps between checkpoints (0: end of each epoch only)")
+    log_every: int = setting(50, "steps between progress-bar/metric syncs")
+    val_every: int = setting(1, "validate after every N-th epoch and after the last (0: the last only)")
+    resume: bool = setting(False, "continue from <run folder>/last.pt; refused if the recipe changed")
+    max_steps: int = setting(0, "stop after this many optimizer steps, resumable (0: no limit)")
+    progress: bool = setting(True, "progress bar on a terminal, one line per epoch or 10 % in logs")
 
     def __post_init__(self):
-        _choice("run.amp", self.amp, ("auto", "off", "bf16", "fp16"))
+        check_choices(self, "run")
         if self.val_every < 0:
-            raise ValueError(f"run.val_every must be >= 0, got {self.val_every}")
+            raise ConfigError(f"run.val_every must be >= 0, got {self.val_every}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(f"run.device={self.device!r} is not a device: auto, cpu, cuda "
+                                  f"or cuda:N") from None
 
     @property
     def root(self) -> Path:
@@ -46,28 +57,31 @@ class RunSection:
 
 @dataclass
 class DataSection:
-    train_store: str = "stores/cifar100/train"
-    # held out from the training data (convert --val-fraction): everything fitted
-    # or chosen (temperature scaling, the KD temperature, the sweep) uses it
-    val_store: str = "stores/cifar100/val"
-    test_store: str = "stores/cifar100/test"  # read only by evaluate and the reports
-    # memory (the decoded split held on the training device: small datasets, the
-    # fastest) | ffcv | dali (stream from disk: large datasets) | reference (the oracle)
-    backend: str = "memory"
-    batch_size: int = 128
-    eval_batch_size: int = 500
-    num_workers: int = 2
-    teacher_resolution: int = 32  # the teacher sees full-resolution views
-    student_resolution: int = 16  # the student's low resolution (absolute size)
-    student_factor: float = 0.0  # > 0: student_resolution = teacher_resolution * factor
-    lowres: bool = False  # read the student view from the low-res companion store
-    scale: tuple[float, float] = ViewConfig.scale  # view defaults: pipelines/views.py
-    ratio: tuple[float, float] = ViewConfig.ratio
-    flip: bool = ViewConfig.flip
-    num_views: int = 4  # K replayable views (cache rows per sample); 0 = fresh crops
-    view_seed: int = 0  # seeds the view contract and the epoch order; run.seed seeds
-    # model init and mixing, so student seeds can share one teacher-logit cache
-    channels_last: bool = False
+    """Stores, loader backend, resolutions and the replayable views."""
+
+    train_store: str = setting("stores/cifar100/train", "the training split (a converted store)")
+    val_store: str = setting("stores/cifar100/val", "held out from the training data (convert "
+                             "--val-fraction): everything fitted or chosen uses it")
+    test_store: str = setting("stores/cifar100/test", "read only by evaluate and the reports")
+    backend: str = setting("memory", "loader backend: memory (the decoded split held on the training "
+                           "device: small datasets, the fastest) | ffcv | dali (stream from disk: large "
+                           "datasets) | reference (the oracle)", choices=tuple(BACKENDS))
+    batch_size: int = setting(128, "training batch size (per process)")
+    eval_batch_size: int = setting(500, "batch size of validation, evaluation and the cache fill")
+    num_workers: int = setting(2, "loader worker processes / threads")
+    teacher_resolution: int = setting(32, "the teacher's full-resolution view (pixels)")
+    student_resolution: int = setting(16, "the student's low resolution (pixels)")
+    student_factor: float = setting(0.0, "> 0: student resolution = teacher_resolution x factor")
+    lowres: bool = setting(False, "read the student view from the low-res companion store")
+    scale: tuple[float, float] = setting(ViewConfig.scale, "random-resized-crop area range")
+    ratio: tuple[float, float] = setting(ViewConfig.ratio, "random-resized-crop aspect ratio range")
+    flip: bool = setting(ViewConfig.flip, "random horizontal flip")
+    num_views: int = setting(4, "K replayable views (cache rows per sample); 0 = fresh crops")
+    view_seed: int = setting(0, "seeds the views and the epoch order, so student seeds share a cache")
+    channels_last: bool = setting(False, "channels-last memory format")
+
+    def __post_init__(self):
+        check_choices(self, "data")
 
     @property
     def student_size(self) -> int:
@@ -88,56 +102,71 @@ class ModelSection:
 
 @dataclass
 class OptimSection:
-    epochs: int = 240
-    teacher_epochs: int = 0  # epochs of the teacher job (0: same as epochs)
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"  # cosine | step
-    milestones: tuple[float, ...] = (0.625, 0.75, 0.875)  # fractions of training (step)
-    gamma: float = 0.1
-    warmup_epochs: float = 0.0
+    """SGD with momentum and the learning-rate schedule."""
+
+    epochs: int = setting(240, "epochs of a student (and of the teacher unless teacher_epochs)")
+    teacher_epochs: int = setting(0, "epochs of the teacher job (0: same as epochs)")
+    lr: float = setting(0.05, "peak learning rate")
+    momentum: float = setting(0.9, "SGD momentum")
+    nesterov: bool = setting(True, "Nesterov momentum")
+    weight_decay: float = setting(5e-4, "L2 weight decay")
+    schedule: str = setting("cosine", "learning-rate schedule", choices=("cosine", "step"))
+    milestones: tuple[float, ...] = setting((0.625, 0.75, 0.875), "step schedule: where lr drops, "
+                                            "as fractions of training")
+    gamma: float = setting(0.1, "step schedule: lr factor at each milestone")
+    warmup_epochs: float = setting(0.0, "linear warm-up epochs")
 
     def __post_init__(self):
-        _choice("optim.schedule", self.schedule, ("cosine", "step"))
+        check_choices(self, "optim")
 
 
 @dataclass
 class DistillSection:
-    targets: str = "cached"  # cached (logit cache) | online (teacher runs) | none (supervised)
-    cache_dtype: str = "float16"
-    temperature_from_calibration: bool = False  # use the calibrated T as the KD temperature
-    # the calibrated teacher: its logits divided by the temperature fitted on the
-    # validation split (python -m trainer calibrate) before smoothing at loss.temperature
-    calibrated_teacher: bool = False
-    cached_mix: str = "probs"  # cached targets under mixing: mix probabilities | logits
+    """Where the student's teacher targets come from."""
+
+    targets: str = setting("cached", "cached (logit cache) | online (the teacher runs) | none "
+                           "(supervised)", choices=("cached", "online", "none"))
+    cache_dtype: str = setting("float16", "storage type of the teacher cache",
+                               choices=("float16", "float32"))
+    temperature_from_calibration: bool = setting(False, "use the calibrated T as the KD temperature")
+    calibrated_teacher: bool = setting(False, "divide the teacher's logits by the T fitted on val "
+                                       "(calibrate) before smoothing at loss.temperature")
+    cached_mix: str = setting("probs", "cached targets under mixing: mix probabilities or logits",
+                              choices=("probs", "logits"))
+    teacher_checkpoint: str = setting("", "the teacher (default: runs/<name>/teacher/final.pt)")
 
     def __post_init__(self):
-        _choice("distill.targets", self.targets, ("cached", "online", "none"))
-        _choice("distill.cache_dtype", self.cache_dtype, ("float16", "float32"))
-        _choice("distill.cached_mix", self.cached_mix, ("probs", "logits"))
-    teacher_checkpoint: str = ""  # default: runs/<name>/teacher/final.pt
+        check_choices(self, "distill")
 
 
 @dataclass
 class SweepSection:
-    """``python -m trainer sweep`` (and ``loss.temperature: auto``): short
-    students from the cache over temperatures x objectives x calibrated
+    """The temperature sweep (``python -m trainer sweep``, ``loss.temperature: auto``).
+
+    Short students from the cache over temperatures x objectives x calibrated
     teacher; the choice is the lowest validation ECE among the runs whose
     validation top-1 is within ``top1_tolerance`` of the best run's."""
 
-    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
-    objectives: tuple[str, ...] = ("hinton", "teacher_smoothing")
-    calibrated: tuple[bool, ...] = (False, True)
-    epochs: int = 0  # epochs of each sweep student (0: optim.epochs)
-    top1_tolerance: float = 0.01
+    temperatures: tuple[float, ...] = setting((1.0, 2.0, 4.0, 8.0), "KD temperatures to try")
+    objectives: tuple[str, ...] = setting(("hinton", "teacher_smoothing"), "KD objectives to try",
+                                          choices=KD_OBJECTIVES)
+    calibrated: tuple[bool, ...] = setting((False, True), "calibrated teacher off / on to try")
+    epochs: int = setting(0, "epochs of each sweep student (0: optim.epochs)")
+    top1_tolerance: float = setting(0.01, "runs within this of the best val top-1 compete on ECE")
 
     def __post_init__(self):
-        for o in self.objectives:
-            _choice("sweep.objectives", o, KD_OBJECTIVES)
+        check_choices(self, "sweep")
         if self.top1_tolerance < 0 or self.epochs < 0:
             raise ValueError("sweep.top1_tolerance and sweep.epochs must be >= 0")
+
+
+# The keys that change neither a run's weights nor its metrics: how a run is
+# shown, logged, checkpointed and resumed, where its folder lies, and how fast
+# its data is read (the teacher cache's key leaves them out too). A resumed run
+# may differ from its first start in these (trainer/run_record.py); the
+# sweep's fingerprint leaves them out (trainer/sweep.py).
+NON_RESULT_KEYS = ("run.out_dir", "run.progress", "run.log_every", "run.checkpoint_every",
+                   "run.resume", "run.val_every", "data.num_workers", "data.eval_batch_size")
 
 
 @dataclass

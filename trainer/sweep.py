@@ -33,12 +33,15 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from dataset_tools.atomic import write_json_atomic
+from dataset_tools.progress import log_line
 from trainer import distributed
-from trainer.recipe import Config
+from trainer.recipe import NON_RESULT_KEYS, Config
+from trainer.run_record import write_resolved_config
+from trainer.yaml_config import flatten
 
 RULE = ("lowest validation ECE among the runs whose validation top-1 is within "
         "sweep.top1_tolerance of the best run's (ties: higher top-1, then lower T)")
@@ -84,17 +87,19 @@ def apply_choice(cfg: Config, sweep: dict) -> Config:
                                    temperature_from_calibration=False))
 
 
+# what the sweep sets per run, and what it shares across runs: the run's tag,
+# and run.seed (the sweep runs once, at the recipe's seed; every seed reuses it)
+SWEPT_KEYS = ("loss.temperature", "loss.kd_objective", "distill.calibrated_teacher",
+              "distill.temperature_from_calibration", "run.tag", "run.seed")
+
+
 def recipe_fingerprint(cfg: Config, teacher_hash: str) -> str:
     """Hash of everything a sweep's result depends on: the teacher's weights,
-    the recipe less the swept keys and the settings that do not change results."""
-    d = json.loads(json.dumps(asdict(cfg), default=str))
+    the recipe less the swept keys and the keys that do not change results
+    (``NON_RESULT_KEYS``, trainer/recipe.py)."""
+    d = {k: v for k, v in flatten(cfg).items() if k not in SWEPT_KEYS + NON_RESULT_KEYS}
     d["teacher_weights_hash"] = teacher_hash
-    # run.seed too: the sweep runs once, at the recipe's seed, and every seed reuses its choice
-    for section, key in (("run", "tag"), ("run", "seed"), ("run", "resume"), ("run", "progress"), ("run", "log_every"),
-                         ("run", "checkpoint_every"), ("loss", "temperature"), ("loss", "kd_objective"),
-                         ("distill", "calibrated_teacher"), ("distill", "temperature_from_calibration")):
-        d[section].pop(key, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _last_val(run_dir: Path) -> dict:
@@ -119,7 +124,10 @@ def run_sweep(cfg: Config) -> dict:
             return old
     points, runs, t_sweep = grid(cfg), [], time.perf_counter()
     images = 0
-    for point in points:
+    if distributed.is_main():
+        cfg.sweep_dir.mkdir(parents=True, exist_ok=True)
+        write_resolved_config(cfg, cfg.sweep_dir)
+    for i, point in enumerate(points, 1):
         scfg = run_config(cfg, point)
         marker = scfg.student_dir / "sweep_run.json"
         if marker.is_file() and json.loads(marker.read_text()).get("recipe_fingerprint") == fp:
@@ -137,6 +145,9 @@ def run_sweep(cfg: Config) -> dict:
                 write_json_atomic(marker, {"recipe_fingerprint": fp, "run": run})
         images += run["train_images"]
         runs.append(run)
+        if cfg.run.progress and distributed.is_main():
+            log_line(f"sweep run {i}/{len(points)} ({point['tag']}): val top-1 {run['val_top1']:.3f}, "
+                     f"val ECE {run['val_ece']:.3f}, {run['seconds']:.0f} s")
     sweep_seconds = time.perf_counter() - t_sweep
     choice = choose(runs, cfg.sweep.top1_tolerance)
     result = {"recipe_fingerprint": fp, "rule": RULE, "top1_tolerance": cfg.sweep.top1_tolerance,
@@ -146,7 +157,6 @@ def run_sweep(cfg: Config) -> dict:
               "cost": sweep_cost(cfg, sweep_seconds, images)}
     result["plot"] = str(cfg.sweep_dir / "sweep.png")
     if distributed.is_main():
-        cfg.sweep_dir.mkdir(parents=True, exist_ok=True)
         plot_sweep(result, cfg.sweep_dir / "sweep.png")
         write_json_atomic(cfg.sweep_file, result)
     return distributed.broadcast_object(result)
@@ -165,14 +175,19 @@ def sweep_cost(cfg: Config, sweep_seconds: float, train_images: int) -> dict:
 
 
 def plot_sweep(result: dict, path: Path) -> Path:
-    import matplotlib
+    """Validation top-1 and ECE against T, one curve per objective and
+    teacher, the choice starred (the sweep's and the demo report's plot)."""
+    import io
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     from dataset_tools.atomic import atomic_write_bytes
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+    # Figure + Agg canvas directly (no pyplot): no global backend state
+    fig = Figure(figsize=(9, 3.6), dpi=110)
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
     series: dict[str, list] = {}
     for r in result["runs"]:
         series.setdefault(f"{r['objective']}{' (calibrated teacher)' if r['calibrated'] else ''}", []).append(r)
@@ -191,10 +206,7 @@ def plot_sweep(result: dict, path: Path) -> Path:
     ax1.legend(fontsize=7)
     fig.suptitle(f"sweep on the validation split ({result['epochs']} epochs per run)", fontsize=9)
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    fig.savefig(buf, format="png")
     atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
     return path

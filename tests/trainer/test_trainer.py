@@ -160,6 +160,12 @@ def test_splits_calibrated_teacher_and_temperature_choice(teacher_run, tmp_path)
     final = load_checkpoint(sweep_cfg.run.root / "auto" / "final.pt")["config"]
     assert final["loss"]["temperature"] == result["choice"]["temperature"]
     assert final["distill"]["calibrated_teacher"] == result["choice"]["calibrated"]
+    # each run folder holds its resolved config: the sweep's recipe, and the
+    # student's with the temperature the sweep chose
+    assert load_config(Config, sweep_cfg.sweep_dir / "config.yaml") == sweep_cfg
+    auto = load_config(Config, sweep_cfg.run.root / "auto" / "config.yaml")
+    assert (auto.loss.temperature, auto.loss.kd_objective, auto.distill.calibrated_teacher) == \
+        (result["choice"]["temperature"], result["choice"]["objective"], result["choice"]["calibrated"])
 
 
 def test_stale_cache_and_incompatible_checkpoints_are_clear_errors(teacher_run, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
+from dataset_tools.settings import check_choices, setting
+
 KD_OBJECTIVES = ("hinton", "teacher_smoothing")
 
 
@@ -11,24 +13,24 @@ KD_OBJECTIVES = ("hinton", "teacher_smoothing")
 class LossConfig:
     """Weights of the loss terms (0 = not computed) and their settings."""
 
-    ce: float = 1.0
-    kd: float = 0.0
-    rkd: float = 0.0
-    crd: float = 0.0
-    # KD temperature T (> 0), or "auto": chosen on the validation split by the
-    # sweep job (python -m trainer sweep), which distill runs first if needed
-    temperature: Union[float, str] = 4.0
-    # hinton: student and teacher both at T, times T^2 (Hinton et al. 2015);
-    # teacher_smoothing: the student at T = 1 against softmax(z_teacher / T)
-    kd_objective: str = "hinton"
-    rkd_distance_weight: float = 25.0  # Park et al. 2019, Sec. 4 defaults
-    rkd_angle_weight: float = 50.0
-    crd_dim: int = 128  # Tian et al. 2020 / RepDistiller defaults from here on
-    crd_negatives: int = 4096
-    crd_temperature: float = 0.07
-    crd_momentum: float = 0.5
+    ce: float = setting(1.0, "weight of cross-entropy on the labels (mixed labels under mixing)")
+    kd: float = setting(0.0, "weight of the KD term")
+    rkd: float = setting(0.0, "weight of relational KD on the embeddings (Park et al. 2019)")
+    crd: float = setting(0.0, "weight of contrastive representation distillation (Tian et al. 2020)")
+    temperature: Union[float, str] = setting(4.0, "KD temperature T > 0, or auto: chosen on the "
+                                             "validation split by the sweep (distill runs it if needed)")
+    kd_objective: str = setting("hinton", "hinton: student and teacher at T, times T^2; "
+                                "teacher_smoothing: the student at T = 1 against softmax(z_t / T)",
+                                choices=KD_OBJECTIVES)
+    rkd_distance_weight: float = setting(25.0, "RKD distance term (Park et al. 2019, Sec. 4)")
+    rkd_angle_weight: float = setting(50.0, "RKD angle term (Park et al. 2019, Sec. 4)")
+    crd_dim: int = setting(128, "CRD embedding size (Tian et al. 2020 / RepDistiller defaults)")
+    crd_negatives: int = setting(4096, "CRD negatives per sample")
+    crd_temperature: float = setting(0.07, "CRD softmax temperature")
+    crd_momentum: float = setting(0.5, "CRD memory-bank momentum")
 
     def __post_init__(self):
+        check_choices(self, "loss")
         for name in ("ce", "kd", "rkd", "crd", "rkd_distance_weight", "rkd_angle_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
@@ -38,8 +40,6 @@ class LossConfig:
             raise ValueError(f"loss.temperature must be a number > 0 or 'auto', got {self.temperature!r}")
         if self.crd_temperature <= 0:
             raise ValueError("loss.crd_temperature must be > 0")
-        if self.kd_objective not in KD_OBJECTIVES:
-            raise ValueError(f"loss.kd_objective must be one of {KD_OBJECTIVES}, got {self.kd_objective!r}")
         if self.crd_dim < 1 or self.crd_negatives < 1:
             raise ValueError("loss.crd_dim and loss.crd_negatives must be >= 1")
         if not 0.0 <= self.crd_momentum < 1.0:

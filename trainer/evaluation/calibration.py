@@ -294,6 +294,22 @@ def expected_calibration_error(scores: torch.Tensor, labels: torch.Tensor, *,
     return _bin_errors(*sums, conf.shape[0])["ece"]
 
 
+@torch.no_grad()
+def reliability_curve(scores: torch.Tensor, labels: torch.Tensor, n_bins: int = DEFAULT_BINS, *,
+                      from_logits: bool = True) -> dict[str, torch.Tensor]:
+    """The reliability curve: per non-empty bin (this module's binning, so
+    ``sum(count * |accuracy - confidence|) / N`` is ``ece``) the mean
+    confidence, the accuracy and the sample count, as float64 CPU tensors."""
+    validate_inputs(scores, labels, from_logits=from_logits, where="reliability_curve")
+    work = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+    conf, pred = (work.softmax(1) if from_logits else work).max(dim=1)
+    conf = conf.float()
+    count, s_conf, s_hit = _binned_sums(_bin_index(conf, n_bins), conf, pred == labels, n_bins + 1)
+    keep = count > 0
+    return {"confidence": (s_conf / count.clamp(min=1))[keep].cpu(),
+            "accuracy": (s_hit / count.clamp(min=1))[keep].cpu(), "count": count[keep].cpu()}
+
+
 def reliability_diagram(scores: torch.Tensor, labels: torch.Tensor, path: PathLike,
                         title: Optional[str] = None, n_bins: int = DEFAULT_BINS, *,
                         from_logits: bool = True) -> Path:

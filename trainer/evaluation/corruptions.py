@@ -109,7 +109,7 @@ def evaluate_corruptions(model: torch.nn.Module, images: np.ndarray, labels: np.
     evaluates every ``world``-th condition (each one whole, so its metrics are
     the single-process ones) and the ranks exchange their rows."""
     import torchvision.transforms.v2.functional as TF
-    from tqdm import tqdm
+    from dataset_tools.progress import progress as progress_bar
 
     from trainer import distributed
     from trainer.evaluation.calibration import calibration_metrics
@@ -136,7 +136,7 @@ def evaluate_corruptions(model: torch.nn.Module, images: np.ndarray, labels: np.
     items = [(job, span) for job in jobs for span in spans]
     out: dict = {}
     logits = []
-    bar = tqdm(total=len(items), desc="corruptions", disable=not progress)
+    bar = progress_bar(total=len(items), desc="corruptions", unit="batch", enabled=progress)
     for (job, (a, b)), x in zip(items, _prefetch(prepare, items, workers)):
         x = ((x.to(device).float() - m) / s).contiguous(memory_format=fmt)
         with autocast():
