@@ -140,17 +140,20 @@ def phase_result(result: dict, log: Path, seconds: float, peak_mb: float, plain:
 
 
 def plain_rates(cfg, role: str, num_classes: int, repeats: int = 3) -> list[float]:
-    """``repeats`` blocks of the plain loop for ``role``'s model and input (see module docstring)."""
+    """``repeats`` blocks of the plain loop for ``role``'s model and input
+    (see module docstring); with the online teacher, its forward included."""
     import torch
 
     from benchmarks.loop_efficiency import plain_loop_images_per_sec
 
     d, m = cfg.data, cfg.model
-    arch, res, stem = ((m.teacher, d.teacher_resolution, m.teacher_low_res_stem) if role == "teacher"
-                       else (m.student, d.student_size, m.student_low_res_stem))
+    teacher = (m.teacher, d.teacher_resolution, m.teacher_low_res_stem)
+    arch, res, stem = teacher if role == "teacher" else (m.student, d.student_size, m.student_low_res_stem)
+    online = teacher if role == "student" and cfg.distill.targets == "online" else None
     device = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
     return [plain_loop_images_per_sec(arch, num_classes, d.batch_size, res, low_res_stem=stem,
-                                      channels_last=d.channels_last, device=device, repeats=1, steps=8)
+                                      channels_last=d.channels_last, device=device, repeats=1, steps=8,
+                                      teacher=online)
             for _ in range(repeats)]
 
 

@@ -5,20 +5,25 @@ batch size, resolution, memory format and device.
 The plain loop is ``create_model``, SGD with momentum, cross-entropy,
 forward + backward + step over one fixed batch of random tensors already on
 the device: what the model alone costs, with no data loading, targets,
-mixing, logging or validation. Warm-up steps are excluded; the figure is
-the median of ``repeats`` timed blocks of ``steps`` steps.
+mixing, logging or validation. With ``teacher=(arch, resolution,
+low_res_stem)`` each step also runs that model's no-grad eval forward on a
+fixed batch at its resolution: the plain loop of distillation from an online
+teacher. Warm-up steps are excluded; the figure is the median of ``repeats``
+timed blocks of ``steps`` steps.
 """
 from __future__ import annotations
 
 import statistics
 import time
+from typing import Optional
 
 import torch
 
 
 def plain_loop_images_per_sec(arch: str, num_classes: int, batch_size: int, resolution: int, *,
                               low_res_stem: bool = True, channels_last: bool = False, device="cpu",
-                              warmup: int = 3, steps: int = 10, repeats: int = 3, seed: int = 0) -> float:
+                              warmup: int = 3, steps: int = 10, repeats: int = 3, seed: int = 0,
+                              teacher: Optional[tuple[str, int, bool]] = None) -> float:
     from trainer.models import create_model
 
     torch.manual_seed(seed)
@@ -28,8 +33,15 @@ def plain_loop_images_per_sec(arch: str, num_classes: int, batch_size: int, reso
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(batch_size, 3, resolution, resolution, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (batch_size,), device=device)
+    if teacher is not None:
+        t_arch, t_res, t_stem = teacher
+        t_model = create_model(t_arch, num_classes, low_res_stem=t_stem).to(device, memory_format=fmt).eval()
+        t_x = torch.randn(batch_size, 3, t_res, t_res, device=device).contiguous(memory_format=fmt)
 
     def step():
+        if teacher is not None:
+            with torch.no_grad():
+                t_model(t_x)
         loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -43,7 +43,7 @@ def test_help_config_rows_come_from_the_declarations():
     assert row["optim.milestones"].type == "[float, ...]"
     assert row["data.scale"].type == "[float, float]"
     assert row["loss.temperature"].type == "float | str"
-    assert row["data.backend"].choices == ("reference", "ffcv", "dali")
+    assert row["data.backend"].choices == ("reference", "ffcv", "dali", "memory")
     assert row["mix.partner"].help == dataclasses.fields(MixConfig)[-1].metadata["help"]
 
 

@@ -260,6 +260,8 @@ class CalibrationMeter:
         out["adaptive_ece"] = _adaptive_ece(conf, hit, self.n_bins)
         count, s_p, s_y = self._cls_sums
         out["classwise_ece"] = float(((s_y - s_p).abs().sum(1) / n).mean())
+        # mean top-label confidence: confidence - top1 > 0 is over-confidence
+        out["confidence"] = float(conf.double().mean()) if n else float("nan")
         out["nll"] = float(torch.cat(self._nll).double().mean())
         out["brier"] = float(torch.cat(self._brier).double().mean())
         out["n"] = n
