@@ -73,12 +73,17 @@ class DataSection:
 
 @dataclass
 class ModelSection:
+    # a project model (resnet32x4, wrn_40_2, ...), torchvision/<name> or timm/<name>
+    # (python -m trainer.models --source all lists them; trainer/models/registry.py)
     teacher: str = "resnet32x4"
     student: str = "resnet8x4"
-    # torchvision ImageNet models only (CIFAR models are low-resolution by design):
-    # a 3x3 stride-1 stem without max-pool, for inputs of a few dozen pixels
+    # the low-resolution stem (3x3 stride-1, no max-pool; trainer/models/stems.py says
+    # which architectures take it) for inputs of a few dozen pixels; CIFAR models ignore it
     teacher_low_res_stem: bool = False
     student_low_res_stem: bool = True
+    # import the teacher: a state dict, safetensors file or timm checkpoint of model.teacher
+    # (trainer/teacher.py); the teacher job fine-tunes from it instead
+    teacher_weights: str = ""
 
 
 @dataclass
