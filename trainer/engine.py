@@ -37,7 +37,7 @@ from trainer.distill.loss_config import LossConfig
 from trainer.distill.targets import CachedTargets, NoTargets, OnlineTargets
 from trainer.models import create_model
 from trainer.recipe import Config
-from trainer.teacher import init_from_weights, load_teacher, teacher_hash  # noqa: F401 (load_teacher: jobs)
+from trainer.teacher import init_from_weights, load_teacher, teacher_hash
 
 
 def setup_distributed(cfg: Config) -> torch.device:

@@ -63,7 +63,8 @@ def save_weights(net: torch.nn.Module, path: Path, fmt: str) -> Path:
         save_file({k: v.contiguous() for k, v in sd.items()}, path.with_suffix(".safetensors"))
         return path.with_suffix(".safetensors")
     # what timm's train.py writes (CheckpointSaver): DDP prefixes, its argparse args, the optimizer
-    ckpt = {"epoch": 3, "arch": "x", "version": 2, "metric": 0.5, "args": argparse.Namespace(lr=0.1, model="x"),
+    ckpt = {"epoch": 3, "arch": "x", "version": 2, "metric": 0.5,
+            "args": argparse.Namespace(lr=0.1, model="x"),
             "state_dict": {"module." + k: v for k, v in sd.items()},
             "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}}
     if fmt == "timm_ema_checkpoint":  # EMA weights are the ones used, as timm does
@@ -154,7 +155,8 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     assert msg.startswith(f"{tmp_path / 'missing.pt'}: its keys do not fit {TV}: {len(dropped)} missing (")
     assert dropped[0] in msg and "unexpected (" not in msg and "torchvision/<arch>" in msg
     torch.save({**sd, "extra.weight": torch.zeros(3)}, tmp_path / "extra.pt")
-    with pytest.raises(WeightsError, match=r"extra.pt: its keys do not fit .*: 1 unexpected \(extra.weight\)"):
+    with pytest.raises(WeightsError, match=r"extra.pt: its keys do not fit .*: "
+                                           r"1 unexpected \(extra.weight\)"):
         _load(tmp_path / "extra.pt", TV)
     # a torchvision file for the project's own resnet18 (keys under net.): named, with the fix
     torch.save(library_model("torchvision/resnet18").state_dict(), tmp_path / "tv_r18.pt")
@@ -188,7 +190,8 @@ class _RunsCode:
 
 
 def test_unreadable_and_empty_files(tmp_path):
-    with pytest.raises(WeightsError, match=r"nope.pt: weights file not found; fix the path \(model.teacher_weights\)"):
+    with pytest.raises(WeightsError, match=r"nope.pt: weights file not found; "
+                                           r"fix the path \(model.teacher_weights\)"):
         _load(tmp_path / "nope.pt")
     good = save_weights(library_model(TIMM), tmp_path / "w", "state_dict")
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:5000])
