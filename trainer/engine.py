@@ -41,6 +41,7 @@ from trainer.distill.targets import CachedTargets, NoTargets, OnlineTargets
 from trainer.models import create_model
 from trainer.recipe import Config
 from trainer.run_record import check_resume, write_resolved_config
+from trainer.teacher import init_from_weights, load_teacher, teacher_hash
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -57,19 +58,6 @@ def amp_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
     if mode == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
-
-
-def load_teacher(cfg: Config, num_classes: int, device) -> tuple[torch.nn.Module, str]:
-    ckpt = load_checkpoint(cfg.teacher_checkpoint)
-    if ckpt.get("arch") != cfg.model.teacher:
-        raise ValueError(f"{cfg.teacher_checkpoint}: checkpoint is a {ckpt.get('arch')!r}, config "
-                         f"says model.teacher={cfg.model.teacher!r}")
-    if ckpt.get("num_classes") != num_classes:
-        raise ValueError(f"{cfg.teacher_checkpoint}: teacher has {ckpt.get('num_classes')} classes, "
-                         f"the store has {num_classes}; wrong dataset?")
-    model = create_model(cfg.model.teacher, num_classes, low_res_stem=cfg.model.teacher_low_res_stem)
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt["weights_hash"]
 
 
 def calibrated_temperature(cfg: Config, teacher_hash: str) -> float:
@@ -152,6 +140,10 @@ class Trainer:
             raise ValueError(f"{cfg.data.val_store}: {self.val_loader.store.num_classes} classes, but "
                              f"{cfg.data.train_store} has {self.num_classes}")
         model = create_model(rc.arch, self.num_classes, low_res_stem=rc.low_res_stem)
+        if role == "teacher" and cfg.model.teacher_weights:  # fine-tune an imported teacher
+            init = init_from_weights(model, cfg, self.num_classes)
+            if is_main():
+                print(f"teacher: starting from {init.path} ({init.source}; head {init.head})", file=sys.stderr)
         self.model = model.to(self.device, memory_format=self._memory_format())
         self.amp = amp_dtype(cfg, self.device)
         self.temperature = None if rc.loss.temperature == "auto" else float(rc.loss.temperature)
@@ -207,7 +199,7 @@ class Trainer:
         else:
             if cfg.data.num_views == 0:
                 raise ValueError("distill.targets=cached needs replayable views (data.num_views > 0)")
-            whash = load_checkpoint(cfg.teacher_checkpoint)["weights_hash"]
+            whash = teacher_hash(cfg, self.num_classes)
         t_cal = calibrated_temperature(cfg, whash) if (
             cfg.distill.calibrated_teacher or cfg.distill.temperature_from_calibration) else 1.0
         if cfg.distill.temperature_from_calibration:  # the fitted T is the KD temperature

@@ -92,12 +92,16 @@ class DataSection:
 
 @dataclass
 class ModelSection:
-    teacher: str = "resnet32x4"
-    student: str = "resnet8x4"
-    # torchvision ImageNet models only (CIFAR models are low-resolution by design):
-    # a 3x3 stride-1 stem without max-pool, for inputs of a few dozen pixels
-    teacher_low_res_stem: bool = False
-    student_low_res_stem: bool = True
+    """Teacher and student architectures, and an imported teacher."""
+
+    teacher: str = setting("resnet32x4", "a project model (resnet32x4, wrn_40_2, ...), torchvision/<name> "
+                           "or timm/<name> (python -m trainer.models --source all lists them)")
+    student: str = setting("resnet8x4", "the student's architecture (same names as model.teacher)")
+    teacher_low_res_stem: bool = setting(False, "3x3 stride-1 stem without max-pool for the teacher "
+                                         "(inputs of a few dozen pixels; trainer/models/stems.py)")
+    student_low_res_stem: bool = setting(True, "the same for the student; CIFAR models ignore it")
+    teacher_weights: str = setting("", "import the teacher: a state dict, safetensors file or timm "
+                                   "checkpoint of model.teacher; the teacher job fine-tunes from it")
 
 
 @dataclass

@@ -115,9 +115,9 @@ def run_sweep(cfg: Config) -> dict:
     if cfg.distill.targets != "cached":
         raise ValueError("the sweep trains from the teacher cache: set distill.targets=cached "
                          "(run 'python -m trainer cache' first)")
-    from trainer.checkpoint import load_checkpoint
+    from trainer.teacher import teacher_hash
 
-    fp = recipe_fingerprint(cfg, load_checkpoint(cfg.teacher_checkpoint)["weights_hash"])
+    fp = recipe_fingerprint(cfg, teacher_hash(cfg))
     if cfg.sweep_file.is_file():
         old = json.loads(cfg.sweep_file.read_text())
         if old.get("recipe_fingerprint") == fp:

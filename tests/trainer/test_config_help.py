@@ -29,9 +29,6 @@ def test_every_key_is_declared_with_one_line_of_help():
     assert all(sections.values()), sections
 
 
-@pytest.mark.xfail(strict=True, reason="ModelSection is rewritten on the models-zoo branch (teacher "
-                   "import, timm names); its fields get setting(...) help at merge, which makes "
-                   "this pass and the strict marker must then go")
 def test_model_keys_have_help():
     assert all(r.help for r in describe(Config) if r.key.startswith("model."))
 

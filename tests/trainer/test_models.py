@@ -128,7 +128,8 @@ def test_aliases_and_options():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["resnet8x4", "shufflenetv1", "resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize("name", ["resnet8x4", "shufflenetv1", "resnet18", "mobilenet_v3_small",
+                                  "timm/test_resnet", "torchvision/mobilenet_v3_small"])
 def test_cuda_channels_last_bf16_train_step(name):
     torch.manual_seed(0)
     model = create_model(name, 10, low_res_stem=True).cuda().to(memory_format=torch.channels_last).train()

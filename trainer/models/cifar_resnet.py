@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from trainer.models.base import DistillModel, init_conv_bn_linear
+from trainer.models.registry import register_model
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -79,29 +80,36 @@ _NARROW = (16, 16, 32, 64)
 _WIDE = (32, 64, 128, 256)
 
 
+@register_model("cifar")
 def resnet8(num_classes: int = 100) -> CifarResNet:
     return CifarResNet(8, _NARROW, num_classes)
 
 
+@register_model("cifar")
 def resnet20(num_classes: int = 100) -> CifarResNet:
     return CifarResNet(20, _NARROW, num_classes)
 
 
+@register_model("cifar")
 def resnet32(num_classes: int = 100) -> CifarResNet:
     return CifarResNet(32, _NARROW, num_classes)
 
 
+@register_model("cifar")
 def resnet56(num_classes: int = 100) -> CifarResNet:
     return CifarResNet(56, _NARROW, num_classes)
 
 
+@register_model("cifar")
 def resnet110(num_classes: int = 100) -> CifarResNet:
     return CifarResNet(110, _NARROW, num_classes)
 
 
+@register_model("cifar")
 def resnet8x4(num_classes: int = 100) -> CifarResNet:
     return CifarResNet(8, _WIDE, num_classes)
 
 
+@register_model("cifar")
 def resnet32x4(num_classes: int = 100) -> CifarResNet:
     return CifarResNet(32, _WIDE, num_classes)

@@ -1,16 +1,10 @@
 """torchvision ImageNet architectures (randomly initialised; nothing is
 downloaded) wrapped in the :class:`DistillModel` interface.
 
-``low_res_stem=True`` adapts the stem to 16-64 px inputs:
-
-* ResNets: the 7x7 stride-2 conv + 3x3 stride-2 max-pool (/4 before layer1)
-  become one 3x3 stride-1 conv and no pool -- the usual CIFAR variant of
-  ResNet-18/50. Total stride drops from 32 to 8, so 32 px -> 4x4 final map
-  (instead of 1x1) and 16 px -> 2x2.
-* MobileNetV3: only the first conv's stride goes 2 -> 1; every other layer
-  (and so the parameter count) is unchanged. Total stride 32 -> 16, so 32 px
-  -> 2x2 final map. Removing more strides would quadruple the cost of the
-  expensive later stages for little gain at these sizes.
+``low_res_stem=True`` adapts the stem to 16-64 px inputs by the rule in
+:mod:`trainer.models.stems` (ResNets: one 3x3 stride-1 conv and no max-pool,
+32 px -> 4x4 final map instead of 1x1; MobileNetV3: the first conv at
+stride 1, 32 px -> 2x2).
 
 Embedding = globally pooled backbone features before ``classifier``/``fc``
 (ResNet-18: 512, ResNet-50: 2048, MobileNetV3 small/large: 576/960). For
@@ -21,19 +15,17 @@ from __future__ import annotations
 
 import torch
 import torchvision.models as tvm
-from torch import nn
 
 from trainer.models.base import DistillModel
+from trainer.models.registry import register_model
+from trainer.models.stems import apply_low_res_stem
 
 
 class TorchvisionResNet(DistillModel):
     def __init__(self, net: tvm.ResNet, low_res_stem: bool = False):
         super().__init__()
         if low_res_stem:
-            width = net.conv1.out_channels
-            net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
-            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-            net.maxpool = nn.Identity()
+            apply_low_res_stem(net, type(net).__name__)
         self.net = net
         self.feature_dim = net.fc.in_features
 
@@ -51,7 +43,7 @@ class TorchvisionMobileNetV3(DistillModel):
     def __init__(self, net: tvm.MobileNetV3, low_res_stem: bool = False):
         super().__init__()
         if low_res_stem:
-            net.features[0][0].stride = (1, 1)
+            apply_low_res_stem(net, type(net).__name__)
         self.net = net
         self.feature_dim = net.classifier[0].in_features
 
@@ -62,19 +54,23 @@ class TorchvisionMobileNetV3(DistillModel):
         return self.net.classifier(emb)
 
 
+@register_model("imagenet")
 def resnet18(num_classes: int = 1000, low_res_stem: bool = False) -> TorchvisionResNet:
     return TorchvisionResNet(tvm.resnet18(weights=None, num_classes=num_classes), low_res_stem)
 
 
+@register_model("imagenet")
 def resnet50(num_classes: int = 1000, low_res_stem: bool = False) -> TorchvisionResNet:
     return TorchvisionResNet(tvm.resnet50(weights=None, num_classes=num_classes), low_res_stem)
 
 
+@register_model("imagenet")
 def mobilenet_v3_small(num_classes: int = 1000, low_res_stem: bool = False) -> TorchvisionMobileNetV3:
     return TorchvisionMobileNetV3(tvm.mobilenet_v3_small(weights=None, num_classes=num_classes),
                                   low_res_stem)
 
 
+@register_model("imagenet")
 def mobilenet_v3_large(num_classes: int = 1000, low_res_stem: bool = False) -> TorchvisionMobileNetV3:
     return TorchvisionMobileNetV3(tvm.mobilenet_v3_large(weights=None, num_classes=num_classes),
                                   low_res_stem)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from trainer.models.base import DistillModel, init_conv_bn_linear
+from trainer.models.registry import register_model
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -76,6 +77,7 @@ class MobileNetV2(DistillModel):
         return self.classifier(emb)
 
 
+@register_model("cifar", aliases=("mobile_half",))
 def mobilenetv2(num_classes: int = 100) -> MobileNetV2:
     """RepDistiller's ``mobile_half``: the CRD paper's MobileNetV2 student."""
     return MobileNetV2(expand=6, width_mult=0.5, num_classes=num_classes)

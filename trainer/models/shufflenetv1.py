@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.models.base import DistillModel
+from trainer.models.registry import register_model
 
 
 class ShuffleUnit(nn.Module):
@@ -71,5 +72,6 @@ class ShuffleNetV1(DistillModel):
         return self.linear(emb)
 
 
+@register_model("cifar", aliases=("shufflev1",))
 def shufflenetv1(num_classes: int = 100) -> ShuffleNetV1:
     return ShuffleNetV1(num_classes=num_classes)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from trainer.models.base import DistillModel, init_conv_bn_linear
+from trainer.models.registry import register_model
 
 # conv widths per block: the reference's configurations "S" (vgg8) and "B" (vgg13)
 CFGS = {
@@ -59,9 +60,11 @@ class VGG(DistillModel):
         return self.classifier(emb)
 
 
+@register_model("cifar")
 def vgg8(num_classes: int = 100) -> VGG:
     return VGG(CFGS["vgg8"], num_classes)
 
 
+@register_model("cifar")
 def vgg13(num_classes: int = 100) -> VGG:
     return VGG(CFGS["vgg13"], num_classes)

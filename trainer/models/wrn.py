@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.models.base import DistillModel, init_conv_bn_linear
+from trainer.models.registry import register_model
 
 
 class PreActBlock(nn.Module):
@@ -69,17 +70,21 @@ class WideResNet(DistillModel):
         return self.fc(emb)
 
 
+@register_model("cifar")
 def wrn_16_1(num_classes: int = 100) -> WideResNet:
     return WideResNet(16, 1, num_classes)
 
 
+@register_model("cifar")
 def wrn_16_2(num_classes: int = 100) -> WideResNet:
     return WideResNet(16, 2, num_classes)
 
 
+@register_model("cifar")
 def wrn_40_1(num_classes: int = 100) -> WideResNet:
     return WideResNet(40, 1, num_classes)
 
 
+@register_model("cifar")
 def wrn_40_2(num_classes: int = 100) -> WideResNet:
     return WideResNet(40, 2, num_classes)
