@@ -157,11 +157,13 @@ class SweepSection:
     calibrated: tuple[bool, ...] = setting((False, True), "calibrated teacher off / on to try")
     epochs: int = setting(0, "epochs of each sweep student (0: optim.epochs)")
     top1_tolerance: float = setting(0.01, "runs within this of the best val top-1 compete on ECE")
+    refine: int = setting(2, "bisection steps per series where val over-confidence changes sign "
+                          "between two temperatures (0: the grid only)")
 
     def __post_init__(self):
         check_choices(self, "sweep")
-        if self.top1_tolerance < 0 or self.epochs < 0:
-            raise ValueError("sweep.top1_tolerance and sweep.epochs must be >= 0")
+        if self.top1_tolerance < 0 or self.epochs < 0 or self.refine < 0:
+            raise ValueError("sweep.top1_tolerance, sweep.epochs and sweep.refine must be >= 0")
 
 
 # The keys that change neither a run's weights nor its metrics: how a run is

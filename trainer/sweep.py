@@ -7,6 +7,18 @@ everything else as in the recipe. Each is scored on the validation split
 (``data.val_store``, held out from the training data; never the test split)
 by its last epoch's validation top-1 and ECE.
 
+Refinement (``sweep.refine`` = R > 0): a student's signed calibration gap
+(validation mean confidence minus top-1: > 0 over-confident, < 0
+under-confident) falls as the teacher's distribution is smoothed, and the
+best-calibrated temperature lies near where the gap crosses zero, usually
+between two grid points (ECE, its binned absolute value, has a minimum
+there but no sign to bisect on). So, for each
+(objective, calibrated teacher) series whose gap changes sign between
+adjacent grid temperatures, up to R more students are trained by bisection
+(at the geometric mean of the bracketing temperatures, the bracket then
+narrowed to the half where the sign changes). Every refined run is scored
+like a grid run and competes under the same rule.
+
 Choice rule: among the runs whose validation top-1 is within
 ``sweep.top1_tolerance`` of the best run's, the lowest validation ECE (ties:
 higher top-1, then lower T). Accuracy first, so a uselessly smooth,
@@ -35,6 +47,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 from dataset_tools.atomic import write_json_atomic
 from dataset_tools.progress import log_line
@@ -54,9 +67,29 @@ def grid(cfg: Config) -> list[dict]:
         raise ValueError("sweep.temperatures, sweep.objectives and sweep.calibrated must be non-empty")
     if any(t <= 0 for t in s.temperatures):
         raise ValueError(f"sweep.temperatures must be > 0, got {list(s.temperatures)}")
-    return [{"objective": obj, "calibrated": bool(cal), "temperature": float(t),
-             "tag": f"sweep/{obj}{'_cal' if cal else ''}_T{t:g}"}
-            for obj in s.objectives for cal in s.calibrated for t in s.temperatures]
+    return [_point(obj, cal, t) for obj in s.objectives for cal in s.calibrated for t in s.temperatures]
+
+
+def _point(objective: str, calibrated: bool, temperature: float) -> dict:
+    return {"objective": objective, "calibrated": bool(calibrated), "temperature": float(temperature),
+            "tag": f"sweep/{objective}{'_cal' if calibrated else ''}_T{temperature:.4g}"}
+
+
+def gap(run: dict) -> float:
+    """Validation over-confidence of a run: mean confidence minus top-1."""
+    return run.get("val_confidence", float("nan")) - run["val_top1"]
+
+
+def next_refinement(runs: list[dict], objective: str, calibrated: bool) -> Optional[dict]:
+    """The bisection point of one series (see module docstring), or None when
+    its gap does not change sign between two tried temperatures."""
+    series = sorted((r for r in runs if r["objective"] == objective and r["calibrated"] == calibrated),
+                    key=lambda r: r["temperature"])
+    for a, b in zip(series, series[1:]):
+        ga, gb = gap(a), gap(b)
+        if math.isfinite(ga) and math.isfinite(gb) and ga * gb < 0:
+            return _point(objective, calibrated, math.sqrt(a["temperature"] * b["temperature"]))
+    return None
 
 
 def choose(runs: list[dict], tolerance: float) -> dict:
@@ -104,8 +137,7 @@ def recipe_fingerprint(cfg: Config, teacher_hash: str) -> str:
 
 def _last_val(run_dir: Path) -> dict:
     rec = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if x.strip()][-1]
-    return {"val_top1": float(rec.get("val_top1", float("nan"))), "val_ece": float(rec.get("val_ece", float("nan"))),
-            "val_nll": float(rec.get("val_nll", float("nan")))}
+    return {k: float(rec.get(k, float("nan"))) for k in ("val_top1", "val_ece", "val_nll", "val_confidence")}
 
 
 def run_sweep(cfg: Config) -> dict:
@@ -123,11 +155,10 @@ def run_sweep(cfg: Config) -> dict:
         if old.get("recipe_fingerprint") == fp:
             return old
     points, runs, t_sweep = grid(cfg), [], time.perf_counter()
-    images = 0
     if distributed.is_main():
         cfg.sweep_dir.mkdir(parents=True, exist_ok=True)
         write_resolved_config(cfg, cfg.sweep_dir)
-    for i, point in enumerate(points, 1):
+    def train(point: dict, label: str) -> dict:
         scfg = run_config(cfg, point)
         marker = scfg.student_dir / "sweep_run.json"
         if marker.is_file() and json.loads(marker.read_text()).get("recipe_fingerprint") == fp:
@@ -143,11 +174,21 @@ def run_sweep(cfg: Config) -> dict:
                    "train_images": steps * cfg.data.batch_size * distributed.world_size()}
             if distributed.is_main():
                 write_json_atomic(marker, {"recipe_fingerprint": fp, "run": run})
-        images += run["train_images"]
-        runs.append(run)
         if cfg.run.progress and distributed.is_main():
-            log_line(f"sweep run {i}/{len(points)} ({point['tag']}): val top-1 {run['val_top1']:.3f}, "
-                     f"val ECE {run['val_ece']:.3f}, {run['seconds']:.0f} s")
+            log_line(f"sweep run {label} ({point['tag']}): val top-1 {run['val_top1']:.3f}, "
+                     f"val ECE {run['val_ece']:.3f}, over-confidence {gap(run):+.3f}, {run['seconds']:.0f} s")
+        return run
+
+    for i, point in enumerate(points, 1):
+        runs.append(train(point, f"{i}/{len(points)}"))
+    for obj in cfg.sweep.objectives:  # bisection where the over-confidence changes sign
+        for cal in cfg.sweep.calibrated:
+            for k in range(cfg.sweep.refine):
+                point = next_refinement(runs, obj, cal)
+                if point is None or any(r["tag"] == point["tag"] for r in runs):
+                    break
+                runs.append({**train(point, f"refine {k + 1}/{cfg.sweep.refine}"), "refined": True})
+    images = sum(r["train_images"] for r in runs)
     sweep_seconds = time.perf_counter() - t_sweep
     choice = choose(runs, cfg.sweep.top1_tolerance)
     result = {"recipe_fingerprint": fp, "rule": RULE, "top1_tolerance": cfg.sweep.top1_tolerance,

@@ -1,0 +1,76 @@
+"""The sweep's search on a synthetic case whose answer is known: students are
+replaced by a function of the temperature (their validation over-confidence
+falls linearly in log T and crosses zero at a known T*), so the grid, the
+bisection and the choice can be checked exactly."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+from trainer import jobs, sweep
+from trainer.recipe import Config
+
+T_STAR = 1.5  # over-confidence crosses zero here
+
+
+def fake_student(temperature: float, objective: str) -> dict:
+    """Val metrics of a synthetic student: over-confidence 0.2 * log2(T*/T),
+    top-1 falling slowly with T; teacher_smoothing never crosses zero."""
+    g = 0.2 * math.log2(T_STAR / temperature) if objective == "hinton" else 0.1
+    top1 = 0.50 - 0.001 * temperature
+    return {"val_top1": top1, "val_confidence": top1 + g, "val_ece": abs(g), "val_nll": 2.0}
+
+
+@pytest.fixture
+def fake_sweep(tmp_path, monkeypatch):
+    trained = []
+
+    def fit(cfg, role):
+        assert role == "student"
+        trained.append(float(cfg.loss.temperature))
+        cfg.student_dir.mkdir(parents=True, exist_ok=True)
+        rec = {"epoch": 1, "step": 10, **fake_student(float(cfg.loss.temperature), cfg.loss.kd_objective)}
+        (cfg.student_dir / "log.jsonl").write_text(json.dumps(rec) + "\n")
+        return rec
+
+    monkeypatch.setattr(jobs, "_fit", fit)
+    monkeypatch.setattr("trainer.teacher.teacher_hash", lambda cfg: "sha256:synthetic")
+    cfg = Config()
+    cfg = replace(cfg, run=replace(cfg.run, out_dir=str(tmp_path), name="s", progress=False),
+                  sweep=replace(cfg.sweep, temperatures=(1.0, 2.0, 4.0), objectives=("hinton", "teacher_smoothing"),
+                                calibrated=(False,), refine=3, top1_tolerance=0.01))
+    return cfg, trained
+
+
+def test_bisection_finds_the_temperature_where_over_confidence_crosses_zero(fake_sweep):
+    cfg, trained = fake_sweep
+    result = sweep.run_sweep(cfg)
+    refined = [r["temperature"] for r in result["runs"] if r.get("refined")]
+    # grid 1, 2, 4 (twice: two objectives); the sign changes between 1 and 2 for hinton only
+    expect = [math.sqrt(2.0)]
+    expect.append(math.sqrt(expect[0] * 2.0))  # gap(1.414) > 0: the bracket is [1.414, 2]
+    expect.append(math.sqrt(expect[0] * expect[1]))  # gap(1.68) < 0: [1.414, 1.68]
+    assert refined == pytest.approx(expect)
+    assert len(trained) == 6 + 3
+    chosen = result["choice"]["temperature"]
+    assert chosen == pytest.approx(expect[2]) and abs(chosen - T_STAR) < 0.05
+    assert result["choice"]["objective"] == "hinton"
+    # a rerun of the same recipe reuses the sweep, training nothing
+    again = sweep.run_sweep(cfg)
+    assert again["choice"] == result["choice"] and len(trained) == 9
+
+
+def test_no_refinement_without_a_sign_change(fake_sweep):
+    cfg, trained = fake_sweep
+    cfg = replace(cfg, sweep=replace(cfg.sweep, objectives=("teacher_smoothing",)))
+    result = sweep.run_sweep(cfg)
+    assert len(result["runs"]) == 3 and not any(r.get("refined") for r in result["runs"])
+
+
+def test_refine_zero_is_the_grid_alone(fake_sweep):
+    cfg, trained = fake_sweep
+    cfg = replace(cfg, sweep=replace(cfg.sweep, refine=0))
+    assert len(sweep.run_sweep(cfg)["runs"]) == 6
