@@ -134,7 +134,7 @@ def phase_result(result: dict, log: Path, seconds: float, peak_mb: float, plain:
             "plain_loop_images_per_sec": summarize(plain),
             "loop_efficiency": {"median": rate["median"] / base, "min": rate["min"] / base,
                                 "max": rate["max"] / base, "n": rate["n"]},
-            "time_to_first_step_s": records[0].get("time_to_first_step_s"),
+            "first_step_seconds": records[0].get("first_step_seconds"),
             "val_ece": result["val_ece"], "val_top1": result["val_top1"],
             "val_nll": result.get("val_nll"), "seconds": seconds, "peak_rss_mb": peak_mb}
 
@@ -247,7 +247,7 @@ def main(argv=None) -> int:
         nan = float("nan")
         for name, r in report["results"].items():
             eff = r.get("loop_efficiency", {}).get("median", nan)
-            first = r.get("time_to_first_step_s") or nan
+            first = r.get("first_step_seconds") or nan
             print(f"{name:18s} {r['images_per_sec']['median']:9.0f} {eff:9.2f} {first:10.1f} "
                   f"{r.get('val_ece', nan):8.3f} {r.get('val_top1', nan):7.3f} {r['peak_rss_mb']:8.0f}")
     return 0

@@ -141,8 +141,8 @@ def e2e_figures(rep: dict, min_change: float = 0.02) -> dict:
         if "loop_efficiency" in r:  # the job over the plain PyTorch loop, measured in this run
             out[f"{phase}.loop_efficiency"] = _from_summary(r["loop_efficiency"], unit="x plain loop",
                                                             scope="relative", peak_rss_mb=mem)
-        if r.get("time_to_first_step_s") is not None:
-            out[f"{phase}.time_to_first_step_s"] = figure(r["time_to_first_step_s"], unit="s",
+        if r.get("first_step_seconds") is not None:
+            out[f"{phase}.first_step_seconds"] = figure(r["first_step_seconds"], unit="s",
                                                           higher=False, peak_rss_mb=mem)
     if "student_kd" in res and "student_kd_cutmix" in res:
         a, b = res["student_kd_cutmix"]["images_per_sec"], res["student_kd"]["images_per_sec"]

@@ -267,7 +267,8 @@ class Trainer:
         self.train_loader.set_epoch(self.epoch)
         stats = {k: torch.zeros((), device=self.device) for k in ("loss", "correct", "n")}
         skip = self.step_in_epoch  # resuming mid-epoch: replay the same order, skip done steps
-        bar = progress(total=len(self.train_loader), initial=skip, enabled=is_main() and self.cfg.run.progress,
+        shown = is_main() and self.cfg.run.progress  # else no metric sync every log_every steps
+        bar = progress(total=len(self.train_loader), initial=skip, enabled=shown,
                        desc=f"{self.role} epoch {self.epoch}", leave=False, final_line=False)
         t0, n_images = time.perf_counter(), 0
         batches, i = iter(self.train_loader), -1
@@ -285,7 +286,7 @@ class Trainer:
             self.step_in_epoch = i + 1
             n_images += len(batch)
             bar.update(1)
-            if self.global_step % max(1, self.cfg.run.log_every) == 0 and bar.disable is False:
+            if shown and self.global_step % max(1, self.cfg.run.log_every) == 0:
                 with record_function("logging"):
                     bar.set_postfix(loss=f"{(stats['loss'] / stats['n']).item():.3f}",
                                     img_s=f"{n_images / (time.perf_counter() - t0):.0f}")
@@ -399,9 +400,9 @@ class Trainer:
                     val = self.val_loop()
             last = {"epoch": self.epoch, "step": self.global_step, **train,
                     **{f"val_{k}": v for k, v in val.items()}, "epoch_seconds": time.perf_counter() - t0}
-            if self.first_step_seconds is not None and "time_to_first_step_s" not in self._logged:
-                last["time_to_first_step_s"] = self.first_step_seconds
-                self._logged.add("time_to_first_step_s")
+            if self.first_step_seconds is not None and "first_step_seconds" not in self._logged:
+                last["first_step_seconds"] = self.first_step_seconds
+                self._logged.add("first_step_seconds")
             self.log(last)
             self._epoch_line(last)
             self.save("last.pt")

@@ -77,3 +77,11 @@ def resized_crop_batch(images: torch.Tensor, pixel_box: torch.Tensor, flips: tor
     wx = torch.where(flips.view(-1, 1, 1), wx.flip(1), wx)
     out = torch.matmul(torch.matmul(wy.unsqueeze(1), images.to(torch.float32)), wx.transpose(1, 2).unsqueeze(1))
     return out.round_().clamp_(0.0, 255.0)
+
+
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Whole uint8 images ``[n, 3, H, W]`` resized to ``size x size``: the
+    eval view (view 0) of :func:`resized_crop_batch`, float32 levels."""
+    n, _, h, w = images.shape
+    box = torch.tensor([0, 0, h, w], dtype=torch.int64, device=images.device).expand(n, 4)
+    return resized_crop_batch(images, box, torch.zeros(n, dtype=torch.bool, device=images.device), size)

@@ -11,7 +11,7 @@ def test_bad_override_is_one_line_exit_2(capsys, monkeypatch):
     monkeypatch.delenv("CQKD_DEBUG", raising=False)
     assert demo_main(["--seeds", "1", "data.backend=ffvc"]) == 2
     assert capsys.readouterr().err == (
-        "error: override data.backend=ffvc: data.backend='ffvc' is not one of reference, ffcv, dali "
+        "error: override data.backend=ffvc: data.backend='ffvc' is not one of reference, ffcv, dali, memory "
         "(did you mean 'ffcv'?)\n(set CQKD_DEBUG=1 for the traceback)\n")
     monkeypatch.setenv("CQKD_DEBUG", "1")
     with pytest.raises(ConfigError):

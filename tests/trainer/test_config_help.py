@@ -62,7 +62,7 @@ BAD_VALUES = {
     "optim.schedule=steps": "override optim.schedule=steps: optim.schedule='steps' is not one of "
                             "cosine, step (did you mean 'step'?)",
     "data.backend=ffvc": "override data.backend=ffvc: data.backend='ffvc' is not one of reference, "
-                         "ffcv, dali (did you mean 'ffcv'?)",
+                         "ffcv, dali, memory (did you mean 'ffcv'?)",
     "distill.targets=cache": "override distill.targets=cache: distill.targets='cache' is not one of "
                              "cached, online, none (did you mean 'cached'?)",
     "distill.cache_dtype=bf16": "override distill.cache_dtype=bf16: distill.cache_dtype='bf16' is not "
@@ -91,7 +91,7 @@ UNKNOWN_KEYS = {
                  "data, model, optim, mix, loss, distill, sweep (--help-config lists every key)",
     "run.ampp=off": "override run.ampp=off: unknown key run.ampp (did you mean run.amp?); valid keys of "
                     "run: name, tag, out_dir, seed, device, amp, compile, deterministic, "
-                    "checkpoint_every, log_every, resume, max_steps, progress (--help-config lists "
+                    "checkpoint_every, log_every, val_every, resume, max_steps, progress (--help-config lists "
                     "every key)",
 }
 

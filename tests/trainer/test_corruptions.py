@@ -237,7 +237,7 @@ def test_native_images_are_the_stored_pixels(tiny_checkpoint):
 
 
 def test_clean_row_equals_evaluate(tiny_checkpoint):
-    """No limit: the clean row sees exactly what run_evaluate's loader sees."""
+    """No limit: the clean row sees exactly what run_evaluate's loader (the memory backend) sees."""
     cfg, ckpt = tiny_checkpoint
     ev = jobs.run_evaluate(cfg, str(ckpt))
     res = jobs.run_evaluate_corruptions(cfg, str(ckpt), [1], ["contrast"])

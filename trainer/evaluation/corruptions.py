@@ -16,9 +16,11 @@ from trainer.evaluation.corruption_ops import CORRUPTIONS, SEVERITIES, check_nam
 # the whole image, no flip) at the store's own resolution and un-normalized
 # back to the stored uint8 pixels; a class-balanced subset is kept; each batch
 # is corrupted on the CPU at that native resolution, then resized to the
-# checkpoint's resolution with torchvision's antialiased bilinear resize (the
-# reference loader's op, on the CPU like it), normalized with the store's
-# mean/std and evaluated. The clean row goes through the same path uncorrupted.
+# checkpoint's resolution with the memory backend's resize (torchvision's
+# antialiased bilinear weights, pipelines/kernels/resized_crop.py; within one
+# level of the reference backend's), normalized with the store's mean/std and
+# evaluated. The clean row goes through the same path uncorrupted, so with the
+# memory backend it equals `evaluate` exactly.
 SUBSTITUTIONS = {
     "frost": "procedural ice texture (frost_texture) instead of the reference's frost photographs",
     "motion_blur": "ImageMagick's motion-blur kernel applied with cv2.filter2D instead of Wand",
@@ -108,8 +110,8 @@ def evaluate_corruptions(model: torch.nn.Module, images: np.ndarray, labels: np.
     (type, severity); see the pipeline note above. Under torchrun each rank
     evaluates every ``world``-th condition (each one whole, so its metrics are
     the single-process ones) and the ranks exchange their rows."""
-    import torchvision.transforms.v2.functional as TF
     from dataset_tools.progress import progress as progress_bar
+    from pipelines.kernels.resized_crop import resize_batch
 
     from trainer import distributed
     from trainer.evaluation.calibration import calibration_metrics
@@ -130,7 +132,7 @@ def evaluate_corruptions(model: torch.nn.Module, images: np.ndarray, labels: np.
         x = images[a:b] if name is None else corrupt_batch(images[a:b], name, sev, indices[a:b], seed)
         t = torch.from_numpy(x).permute(0, 3, 1, 2)
         if t.shape[-1] != resolution or t.shape[-2] != resolution:
-            t = TF.resize(t, [resolution, resolution], antialias=True)
+            t = resize_batch(t, resolution)
         return t
 
     items = [(job, span) for job in jobs for span in spans]
