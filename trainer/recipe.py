@@ -148,8 +148,9 @@ class SweepSection:
     """The temperature sweep (``python -m trainer sweep``, ``loss.temperature: auto``).
 
     Short students from the cache over temperatures x objectives x calibrated
-    teacher; the choice is the lowest validation ECE among the runs whose
-    validation top-1 is within ``top1_tolerance`` of the best run's."""
+    teacher, refined by bisection; the choice is the lowest validation ECE
+    among the runs whose validation top-1 is close to the best run's
+    (trainer/sweep.py states the rule)."""
 
     temperatures: tuple[float, ...] = setting((1.0, 2.0, 4.0, 8.0), "KD temperatures to try")
     objectives: tuple[str, ...] = setting(("hinton", "teacher_smoothing"), "KD objectives to try",
@@ -157,13 +158,15 @@ class SweepSection:
     calibrated: tuple[bool, ...] = setting((False, True), "calibrated teacher off / on to try")
     epochs: int = setting(0, "epochs of each sweep student (0: optim.epochs)")
     top1_tolerance: float = setting(0.01, "runs within this of the best val top-1 compete on ECE")
+    top1_standard_errors: float = setting(1.0, "... or within this many binomial standard errors of the "
+                                          "best val top-1, whichever is larger (one-standard-error rule)")
     refine: int = setting(2, "bisection steps per series where val over-confidence changes sign "
                           "between two temperatures (0: the grid only)")
 
     def __post_init__(self):
         check_choices(self, "sweep")
-        if self.top1_tolerance < 0 or self.epochs < 0 or self.refine < 0:
-            raise ValueError("sweep.top1_tolerance, sweep.epochs and sweep.refine must be >= 0")
+        if min(self.top1_tolerance, self.top1_standard_errors, self.epochs, self.refine) < 0:
+            raise ValueError("sweep.top1_tolerance, top1_standard_errors, epochs and refine must be >= 0")
 
 
 # The keys that change neither a run's weights nor its metrics: how a run is

@@ -19,11 +19,16 @@ adjacent grid temperatures, up to R more students are trained by bisection
 narrowed to the half where the sign changes). Every refined run is scored
 like a grid run and competes under the same rule.
 
-Choice rule: among the runs whose validation top-1 is within
-``sweep.top1_tolerance`` of the best run's, the lowest validation ECE (ties:
+Choice rule: among the runs whose validation top-1 is within the tolerance
+of the best run's, the lowest validation ECE (ties:
 higher top-1, then lower T). Accuracy first, so a uselessly smooth,
 under-confident student is never "calibrated" by being bad; then
-calibration, which is what the product is for.
+calibration, which is what the product is for. The tolerance is the larger of
+``sweep.top1_tolerance`` and ``sweep.top1_standard_errors`` binomial standard
+errors of the best run's top-1 on the validation split, ``sqrt(p (1 - p) /
+n)``: the one-standard-error rule, so runs whose accuracy differs from the
+best by less than the validation split can resolve are not ruled out by
+noise (400 validation images give a standard error of ~2.5 points at 40 %).
 
 ``runs/<name>/sweep/sweep.json`` records every run, the choice and the rule,
 and the sweep's cost next to what the same sweep would cost with the online
@@ -56,8 +61,18 @@ from trainer.recipe import NON_RESULT_KEYS, Config
 from trainer.run_record import write_resolved_config
 from trainer.yaml_config import flatten
 
-RULE = ("lowest validation ECE among the runs whose validation top-1 is within "
-        "sweep.top1_tolerance of the best run's (ties: higher top-1, then lower T)")
+RULE = ("lowest validation ECE among the runs whose validation top-1 is within the tolerance of the "
+        "best run's: max(sweep.top1_tolerance, sweep.top1_standard_errors x the binomial standard error "
+        "of the best top-1 on the validation split) (ties: higher top-1, then lower T)")
+
+
+def tolerance(runs: list[dict], sweep_cfg) -> tuple[float, float]:
+    """``(tolerance, standard error of the best run's val top-1)`` (see module docstring)."""
+    scored = [r for r in runs if math.isfinite(r["val_top1"])]
+    best = max(scored, key=lambda r: r["val_top1"]) if scored else None
+    n = best.get("val_n", float("nan")) if best else float("nan")
+    se = math.sqrt(best["val_top1"] * (1 - best["val_top1"]) / n) if best and n and math.isfinite(n) else 0.0
+    return max(sweep_cfg.top1_tolerance, sweep_cfg.top1_standard_errors * se), se
 
 
 def grid(cfg: Config) -> list[dict]:
@@ -137,7 +152,8 @@ def recipe_fingerprint(cfg: Config, teacher_hash: str) -> str:
 
 def _last_val(run_dir: Path) -> dict:
     rec = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if x.strip()][-1]
-    return {k: float(rec.get(k, float("nan"))) for k in ("val_top1", "val_ece", "val_nll", "val_confidence")}
+    return {k: float(rec.get(k, float("nan"))) for k in ("val_top1", "val_ece", "val_nll", "val_confidence",
+                                                          "val_n")}
 
 
 def run_sweep(cfg: Config) -> dict:
@@ -190,8 +206,9 @@ def run_sweep(cfg: Config) -> dict:
                 runs.append({**train(point, f"refine {k + 1}/{cfg.sweep.refine}"), "refined": True})
     images = sum(r["train_images"] for r in runs)
     sweep_seconds = time.perf_counter() - t_sweep
-    choice = choose(runs, cfg.sweep.top1_tolerance)
-    result = {"recipe_fingerprint": fp, "rule": RULE, "top1_tolerance": cfg.sweep.top1_tolerance,
+    tol, se = tolerance(runs, cfg.sweep)
+    choice = choose(runs, tol)
+    result = {"recipe_fingerprint": fp, "rule": RULE, "top1_tolerance": tol, "top1_standard_error": se,
               "split": "val", "store": cfg.data.val_store, "epochs": cfg.sweep.epochs or cfg.optim.epochs,
               "runs": runs, "choice": {k: choice[k] for k in ("temperature", "objective", "calibrated",
                                                               "tag", "val_top1", "val_ece")},

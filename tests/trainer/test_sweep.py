@@ -21,7 +21,7 @@ def fake_student(temperature: float, objective: str) -> dict:
     top-1 falling slowly with T; teacher_smoothing never crosses zero."""
     g = 0.2 * math.log2(T_STAR / temperature) if objective == "hinton" else 0.1
     top1 = 0.50 - 0.001 * temperature
-    return {"val_top1": top1, "val_confidence": top1 + g, "val_ece": abs(g), "val_nll": 2.0}
+    return {"val_top1": top1, "val_confidence": top1 + g, "val_ece": abs(g), "val_nll": 2.0, "val_n": 400}
 
 
 @pytest.fixture
@@ -41,7 +41,8 @@ def fake_sweep(tmp_path, monkeypatch):
     cfg = Config()
     cfg = replace(cfg, run=replace(cfg.run, out_dir=str(tmp_path), name="s", progress=False),
                   sweep=replace(cfg.sweep, temperatures=(1.0, 2.0, 4.0), objectives=("hinton", "teacher_smoothing"),
-                                calibrated=(False,), refine=3, top1_tolerance=0.01))
+                                calibrated=(False,), refine=3, top1_tolerance=0.01,
+                                top1_standard_errors=0.0))
     return cfg, trained
 
 
@@ -74,3 +75,19 @@ def test_refine_zero_is_the_grid_alone(fake_sweep):
     cfg, trained = fake_sweep
     cfg = replace(cfg, sweep=replace(cfg.sweep, refine=0))
     assert len(sweep.run_sweep(cfg)["runs"]) == 6
+
+
+def test_one_standard_error_rule():
+    """400 val images at 40 % top-1: a standard error of 2.45 points."""
+    from trainer.recipe import SweepSection
+
+    def r(t, top1, ece):
+        return {"temperature": t, "val_top1": top1, "val_ece": ece, "val_n": 400}
+
+    runs = [r(1, 0.40, 0.08), r(2, 0.38, 0.03), r(4, 0.37, 0.01)]
+    tol, se = sweep.tolerance(runs, SweepSection(top1_tolerance=0.01, top1_standard_errors=1.0))
+    assert se == pytest.approx(math.sqrt(0.4 * 0.6 / 400)) and tol == pytest.approx(se)
+    assert sweep.choose(runs, tol)["temperature"] == 2  # 2 points below the best: within 1 SE; 3: not
+    tol2, _ = sweep.tolerance(runs, SweepSection(top1_tolerance=0.01, top1_standard_errors=0.0))
+    assert tol2 == 0.01 and sweep.choose(runs, tol2)["temperature"] == 1
+    assert sweep.tolerance(runs, SweepSection(top1_tolerance=0.05, top1_standard_errors=1.0))[0] == 0.05
