@@ -157,7 +157,9 @@ def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
     (``data.test_store``), plus its reliability diagram."""
     device = setup_distributed(cfg)
     path, ck, model = _load_evaluable(cfg, checkpoint, open_store(cfg.data.test_store).num_classes)
-    model = model.to(device)
+    # as Trainer.val_loop runs it: the same loader settings (trainer/data.py) and memory format
+    fmt = torch.channels_last if cfg.data.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
     with _eval_loader(cfg, "test", ck["student_resolution"], device) as loader:
         autocast = _autocast_for(cfg, device)
         metrics = evaluate_model(model, loader, autocast)
