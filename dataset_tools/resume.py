@@ -33,7 +33,6 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -88,7 +87,9 @@ def library_versions() -> dict:
 
 def conversion_key(*, options: dict, layout: dict, source, given_src: str) -> dict:
     """Everything that changes a conversion's output (see the module doc)."""
-    return {"options": options, "layout": layout, "source_given": given_src,
+    return {"options": options, "layout": layout,
+            # SRC as typed is recorded only by a split's manifests (holdout.source)
+            "source_given": given_src if layout.get("val_fraction") else None,
             "source": {"kind": source.kind, "path": source.path,
                        "description": source.description, "classes": list(source.classes),
                        "listing_skipped": [list(s) for s in source.skipped],

@@ -66,8 +66,10 @@ def test_larger_student_is_refused_by_every_backend(store, backend):
 
 
 @pytest.mark.parametrize("kw,flags", [
-    (dict(scale=(0.2, 1.0)), "--student-resolution 32 --min-crop-scale 0.2 (a low-res side of 83 px)"),
-    (dict(ratio=(0.5, 2.0)), "--student-resolution 32 --max-aspect-ratio 2.0 (a low-res side of 77 px)"),
+    (dict(scale=(0.2, 1.0)),
+     "--student-resolution 32 --min-crop-scale 0.2 (a low-res side of 83 px)"),
+    (dict(ratio=(0.5, 2.0)),
+     "--student-resolution 32 --max-aspect-ratio 2.0 (a low-res side of 77 px)"),
 ])
 def test_smaller_crops_are_refused_and_the_suggested_fixes_work(store, kw, flags):
     c = cfg(store, **kw)
