@@ -11,6 +11,14 @@ even if the dead run's pid was reused.
 
 Creation, cleanup and the final swap happen under ``flock`` on the parent
 directory, so two conversions into the same parent never race each other.
+
+A resumable writer (``Staging(out_dir, adopt=MARKER)``, used by
+``dataset_tools/convert.py``) takes a dead run's staging directory over
+instead of deleting it, when that directory holds ``MARKER`` (its record of
+finished work): it is renamed to this run's name and locked, and the caller
+decides whether the work in it is reusable (``Staging.clear`` empties it
+otherwise); with ``keep_on_interrupt`` it is also left for a later run on
+Ctrl-C. Other dead runs' leftovers are still deleted.
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 STAGING_TAG = ".partial-"
 OLD_TAG = ".old-"
@@ -54,13 +62,21 @@ def _is_abandoned(staging: Path) -> bool:
     return True
 
 
-def clean_stale(out_dir: Path) -> list[Path]:
-    """Remove staging / moved-aside directories of dead runs into ``out_dir``.
-    The caller must hold the parent lock."""
+def _abandoned_stagings(out_dir: Path) -> list[Path]:
+    """Staging directories into ``out_dir`` that no live run holds."""
+    return [p for p in sorted(out_dir.parent.glob(out_dir.name + STAGING_TAG + "*"))
+            if p.is_dir() and _is_abandoned(p)]
+
+
+def clean_stale(out_dir: Path, keep: Optional[Path] = None) -> list[Path]:
+    """Remove staging / moved-aside directories of dead runs into ``out_dir``
+    (except ``keep``). The caller must hold the parent lock."""
     removed = []
     for p in sorted(out_dir.parent.glob(out_dir.name + ".*")):
         rest = p.name[len(out_dir.name):]
         if not p.is_dir() or not (rest.startswith(STAGING_TAG) or rest.startswith(OLD_TAG)):
+            continue
+        if keep is not None and p == keep:
             continue
         # .old-* dirs only exist inside one locked swap, so any we see is stale.
         if rest.startswith(OLD_TAG) or _is_abandoned(p):
@@ -72,26 +88,62 @@ def clean_stale(out_dir: Path) -> list[Path]:
 class Staging:
     """``with Staging(out_dir) as st:`` write into ``st.path``, then call
     ``st.commit()``. Leaving the block without commit (error, Ctrl-C) deletes
-    the staging directory and leaves any existing OUT_DIR untouched."""
+    the staging directory and leaves any existing OUT_DIR untouched.
 
-    def __init__(self, out_dir: os.PathLike | str):
+    ``adopt``: the name of the marker a resumable run keeps in its staging
+    directory; a dead run's directory holding it is taken over (the newest,
+    or with ``adopt_tag`` the one named ``OUT_DIR.partial-<adopt_tag>``) and
+    :attr:`adopted_tag` names it. ``keep_on_interrupt``: leave the directory
+    for a later run to adopt when the block ends with Ctrl-C."""
+
+    def __init__(self, out_dir: os.PathLike | str, adopt: Optional[str] = None,
+                 adopt_tag: Optional[str] = None, keep_on_interrupt: bool = False):
         self.out_dir = Path(out_dir).absolute()
-        self.path = self.out_dir.with_name(f"{self.out_dir.name}{STAGING_TAG}{os.getpid()}")
+        self.tag = str(os.getpid())
+        self.path = self.out_dir.with_name(f"{self.out_dir.name}{STAGING_TAG}{self.tag}")
         self._lock_fd: int | None = None
         self.committed = False
         self.cleaned: list[Path] = []
+        self.adopt, self.adopt_tag = adopt, adopt_tag
+        self.keep_on_interrupt = keep_on_interrupt
+        self.adopted_tag: Optional[str] = None
+
+    def _adoptee(self) -> Optional[Path]:
+        if self.adopt is None:
+            return None
+        found = [p for p in _abandoned_stagings(self.out_dir) if (p / self.adopt).exists()]
+        if self.adopt_tag is not None:
+            found = [p for p in found if p.name.endswith(STAGING_TAG + self.adopt_tag)]
+        return max(found, key=lambda p: (p / self.adopt).stat().st_mtime_ns, default=None)
 
     def __enter__(self) -> "Staging":
         parent = self.out_dir.parent
         parent.mkdir(parents=True, exist_ok=True)
         with _parent_lock(parent):
-            self.cleaned = clean_stale(self.out_dir)
-            if self.path.exists():  # our own pid's leftover from a previous life
+            keep = self._adoptee()
+            self.cleaned = clean_stale(self.out_dir, keep=keep)
+            if keep is not None:
+                self.adopted_tag = keep.name[len(self.out_dir.name) + len(STAGING_TAG):]
+                if keep != self.path:
+                    if self.path.exists():  # our own pid's leftover from a previous life
+                        shutil.rmtree(self.path)
+                    os.rename(keep, self.path)
+            elif self.path.exists():  # our own pid's leftover from a previous life
                 shutil.rmtree(self.path)
-            self.path.mkdir()
+            self.path.mkdir(exist_ok=keep is not None)
             self._lock_fd = os.open(self.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
             fcntl.lockf(self._lock_fd, fcntl.LOCK_EX)
         return self
+
+    def clear(self) -> None:
+        """Empty the staging directory (but keep holding it)."""
+        for p in self.path.iterdir():
+            if p.name == LOCK_NAME:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
     def commit(self) -> None:
         """Swap the staging directory in as OUT_DIR (moving an old OUT_DIR
@@ -114,9 +166,11 @@ class Staging:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if not self.committed:
-            shutil.rmtree(self.path, ignore_errors=True)
+            if not (self.keep_on_interrupt and exc_type is not None
+                    and issubclass(exc_type, KeyboardInterrupt)):
+                shutil.rmtree(self.path, ignore_errors=True)
             self._release()
 
 

@@ -12,6 +12,16 @@ shards, so outputs are byte-identical whatever the worker count. Everything
 is written to a staging directory beside OUT_DIR and swapped in at the end.
 (To convert a folder literally named ``verify``, write ``./verify``.)
 
+A killed run resumes: the writers checkpoint every ``--checkpoint-every N``
+source items (default: every 30 s), and rerunning the same command takes the
+dead run's staging directory over, cuts its files back to the last
+checkpoint and converts only the rest; the result is byte-identical to an
+uninterrupted run, whatever the worker counts, and the progress bar says how
+many items were resumed. Partial work made with other output-shaping options
+or another source (a file's size or mtime changed) is discarded, with a
+message naming the difference (``dataset_tools/resume.py``). A run stopped by
+a bad file (``--on-error fail``) keeps nothing.
+
 With ``--val-fraction F`` (0 < F < 1) the source is split class by class
 (``dataset_tools/split.py``: ``round(F * n_c)`` images of each class, at
 least 1 for a class of 2 or more, never all, chosen by a permutation seeded
@@ -41,20 +51,21 @@ if __package__ in (None, ""):  # run as a script from a plain checkout
 import argparse
 import contextlib
 import functools
-import multiprocessing as mp
 import os
 import re
-import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 
 from dataset_tools.stores import manifest as mf
 from dataset_tools.atomic import Staging, write_text_atomic
 from dataset_tools.errors import CqkdError, debug_enabled
-from dataset_tools.progress import progress as progress_bar
+from dataset_tools.parallel import parallel_map
+from dataset_tools.part_writer import PartWriter
+from dataset_tools.progress import log_line, progress as progress_bar
+from dataset_tools.resume import RESUME_DIR, ResumeLog, conversion_key
 from dataset_tools.stores.layout import MANIFEST_NAME
 
 FORMATS = ("ffcv", "dali")
@@ -83,13 +94,16 @@ class ConvertOptions:
     val_fraction: float = 0.0      # > 0: hold out this share of each class (see module doc)
     val_seed: int = 0
     val_out: Optional[str] = None  # VAL_DIR; None: default_val_dir(OUT_DIR)
+    checkpoint_every: Optional[int] = None  # source items; None: every ~30 s (resume.py)
 
     def manifest_options(self) -> dict:
-        """Options that shape the output (not ``workers``: outputs do not depend on it;
-        not the ``val_*`` ones: a split store records them under ``holdout``, so a
-        store converted whole keeps the manifest it always had)."""
+        """Options that shape the output (not ``workers`` or ``checkpoint_every``:
+        outputs do not depend on them; not the ``val_*`` ones: a split store
+        records them under ``holdout``, so a store converted whole keeps the
+        manifest it always had)."""
         d = asdict(self)
-        for k in ("workers", "split_name", "val_fraction", "val_seed", "val_out"):
+        for k in ("workers", "split_name", "val_fraction", "val_seed", "val_out",
+                  "checkpoint_every"):
             d.pop(k)
         d["formats"] = list(self.formats)
         return d
@@ -101,6 +115,8 @@ class ConvertResult:
     manifest: dict
     seconds: float
     val: Optional["ConvertResult"] = None  # the held-out part, with --val-fraction
+    resumed: int = 0                        # source items reused from a killed run
+    discarded: Optional[str] = None         # why a killed run's partial work was not used
 
     @property
     def images_per_sec(self) -> float:
@@ -172,119 +188,10 @@ def _check_options(opts: ConvertOptions, split: str) -> None:
                            f"(pass --split-name)")
     if not 1 <= opts.jpeg_quality <= 100:
         raise ConvertError("--jpeg-quality must be in 1..100")
-    for name in ("max_resolution", "student_resolution", "max_pixels"):
+    for name in ("max_resolution", "student_resolution", "max_pixels", "checkpoint_every"):
         v = getattr(opts, name)
         if v is not None and v < 1:
             raise ConvertError(f"--{name.replace('_', '-')} must be >= 1")
-
-
-def _parallel_map(fn, items: list, workers: int, chunksize: int,
-                  initializer=None) -> Iterator:
-    """Ordered results of ``fn`` over ``items``; in-process when workers <= 1.
-
-    Items are handed to the pool only as fast as results are consumed (a
-    semaphore), so decoded images never pile up in memory when writing is
-    the slower side. Closing the generator early (an error) stops the feeder
-    and terminates the pool."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    # Not "fork": a process that already ran OpenCV (or any thread pool) would
-    # hand its workers locks held by threads that do not exist in the child;
-    # cv2.setNumThreads in worker_init then hangs forever. A fork server is a
-    # clean, single-threaded process started once. Its workers import what
-    # ``fn`` needs at start, so dataset_tools.records stays free of torch,
-    # numba and ffcv (see dataset_tools/stores/ffcv_codec.py; tested).
-    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
-    gate, stop = threading.Semaphore(max(chunksize * workers * 4, chunksize)), threading.Event()
-
-    def feed() -> Iterator:  # runs in the pool's task-handler thread
-        for it in items:
-            gate.acquire()
-            if stop.is_set():
-                return
-            yield it
-
-    pool = ctx.Pool(workers, initializer=initializer)
-    try:
-        for result in pool.imap(fn, feed(), chunksize=chunksize):
-            gate.release()
-            yield result
-    finally:
-        stop.set()
-        gate.release()  # wake the feeder so it sees ``stop``
-        pool.terminate()
-        pool.join()
-
-
-class _Outputs:
-    """The writers of one conversion, fed one prepared sample at a time."""
-
-    def __init__(self, root: Path, split: str, opts: ConvertOptions, capacity: int,
-                 low_side: Optional[int]):
-        from dataset_tools.stores.writers import BetonWriter, ShardWriter, page_size_for
-        from ffcv.fields import RGBImageField
-
-        self.beton = self.lowres = self.shards = None
-        self.low_side = low_side
-        self.digest, self.low_digest = mf.PixelDigest(), mf.PixelDigest()
-        try:
-            if "ffcv" in opts.formats:
-                field = RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_resolution,
-                                      jpeg_quality=opts.jpeg_quality,
-                                      compress_probability=opts.compress_probability)
-                self.beton = BetonWriter(root / f"{split}.beton", field, capacity,
-                                         page_size_for(opts.max_resolution))
-            if low_side:
-                self.lowres = BetonWriter(root / f"{split}_lowres.beton",
-                                          RGBImageField(write_mode="raw"), capacity,
-                                          page_size_for(low_side * 2))
-            if "dali" in opts.formats:
-                self.shards = ShardWriter(root, f"{split}_wds", opts.samples_per_shard)
-        except BaseException:
-            self.abort()
-            raise
-
-    def add(self, idx: int, res) -> None:
-        from dataset_tools.stores.writers import RAW_MODE, ImageRecord
-
-        if self.beton:
-            self.beton.add(res.ffcv, res.label, idx, res.name)
-            self.digest.update(res.ffcv_digest)
-        if self.lowres:
-            h, w = res.lowres.shape[:2]
-            self.lowres.add(ImageRecord(RAW_MODE, h, w, res.lowres.reshape(-1)), res.label, idx,
-                            res.name)
-            self.low_digest.update(res.lowres_digest)
-        if self.shards:
-            self.shards.add(idx, res.wds_ext, res.wds_bytes, res.label, res.sha256)
-
-    def close(self) -> dict:
-        """Finish every file -> the manifest's ``stores`` section."""
-        stores = {}
-        if self.beton:
-            self.beton.close()
-            stores["ffcv"] = {"path": self.beton.path.name, "num_samples": self.beton.count,
-                              "sha256": mf.file_sha256(self.beton.path),
-                              "pixel_sha256": self.digest.hexdigest()}
-        if self.lowres:
-            self.lowres.close()
-            stores["ffcv_lowres"] = {"path": self.lowres.path.name,
-                                     "num_samples": self.lowres.count,
-                                     "sha256": mf.file_sha256(self.lowres.path),
-                                     "resolution": self.low_side,
-                                     "pixel_sha256": self.low_digest.hexdigest()}
-        if self.shards:
-            stores["dali"] = {"image_ext": self.shards.image_ext, "shards": self.shards.close()}
-        return stores
-
-    def abort(self) -> None:
-        for w in (self.beton, self.lowres, self.shards):
-            if w is not None:
-                try:
-                    w.abort()
-                except Exception:  # already failing; the staging dir is deleted anyway
-                    pass
 
 
 def _check_paths(src: Path, out_dir: Path) -> None:
@@ -307,11 +214,7 @@ class _Part:
     split: str
     capacity: int             # source items assigned to this part
     staging: Optional[Staging] = None
-    outputs: Optional[_Outputs] = None
-    stats: Optional[mf.DatasetStats] = None
-    fp: Optional[mf.Fingerprint] = None
-    skipped: Optional[list] = None
-    kept: Optional[list] = None  # source positions actually stored, in order
+    writer: Optional[PartWriter] = None
     stores: Optional[dict] = None
     manifest: Optional[dict] = None
 
@@ -323,7 +226,11 @@ def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOpt
 
     With ``opts.val_fraction > 0`` the source is split (see the module doc):
     ``out_dir`` gets the train part and the result's ``.val`` describes the
-    val part written to ``opts.val_out`` (default :func:`default_val_dir`)."""
+    val part written to ``opts.val_out`` (default :func:`default_val_dir`).
+
+    A run killed earlier into the same folders is resumed from its last
+    checkpoint (``dataset_tools/resume.py``); ``result.resumed`` says how many
+    source items were reused, ``result.discarded`` why partial work was not."""
     given_src = str(src)
     src, out_dir = Path(src), Path(out_dir)
     split = opts.split_name or default_split_name(src)
@@ -337,7 +244,7 @@ def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOpt
                                        worker_init)
     from dataset_tools.sources import BadInput, SourceError, open_source
     from dataset_tools.split import stratified_holdout
-    from dataset_tools.stores.writers import RecordTooLarge
+    from dataset_tools.stores.writers import RecordTooLarge, ResumeMismatch
     try:
         low_side = (lowres_side(opts.student_resolution, opts.min_crop_scale,
                                 opts.max_aspect_ratio) if opts.student_resolution else None)
@@ -367,72 +274,109 @@ def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOpt
                         compress_probability=opts.compress_probability, lowres_side=low_side,
                         max_pixels=opts.max_pixels, want_ffcv="ffcv" in opts.formats,
                         want_dali="dali" in opts.formats)
-    chunksize = max(1, min(16, n // (workers * 8)))  # bounds results in flight, see _parallel_map
+    options = {**opts.manifest_options(), "lowres_side": low_side}
+    key = conversion_key(options=options, source=source, given_src=given_src, layout={
+        "parts": [[p.role, str(p.out_dir.absolute()), p.split] for p in parts],
+        "val_fraction": opts.val_fraction, "val_seed": opts.val_seed})
+    chunksize = max(1, min(16, n // (workers * 8)))  # bounds results in flight, see parallel_map
     desc = f"convert {split}" + (f" (+ {parts[1].split})" if len(parts) > 1 else "")
     start = time.perf_counter()
     with source, contextlib.ExitStack() as stagings:
-        for part in parts:
-            part.staging = stagings.enter_context(Staging(part.out_dir))
-            part.stats, part.fp = mf.DatasetStats(len(source.classes)), mf.Fingerprint()
-            part.skipped, part.kept = list(source.skipped), []
+        for part in parts:  # the first part's adopted run decides the others'
+            tag = None if part is parts[0] else parts[0].staging.adopted_tag
+            adopt = part is parts[0] or tag is not None
+            part.staging = stagings.enter_context(Staging(
+                part.out_dir, adopt=RESUME_DIR if adopt else None, adopt_tag=tag,
+                keep_on_interrupt=True))
+        log = ResumeLog([p.staging for p in parts], key, opts.checkpoint_every)
+        ckpt = log.start()
         try:
-            with contextlib.ExitStack() as stack:
-                for part in parts:
-                    part.outputs = _Outputs(part.staging.path, part.split, opts, part.capacity,
-                                            low_side)
-                results = stack.enter_context(contextlib.closing(_parallel_map(
-                    functools.partial(prepare_sample, enc), source.items, workers, chunksize,
-                    initializer=worker_init)))
-                for pos, res in enumerate(progress_bar(results, total=n, unit="img", desc=desc,
-                                                       enabled=progress, mininterval=0.5)):
+            ckpt = _open_writers(parts, opts, low_side, source, ckpt, log,
+                                 (ResumeMismatch, KeyError))
+            done = 0 if ckpt is None else ckpt.position
+            if log.note and progress:
+                log_line(f"convert: {log.note}")
+            if done:
+                desc += f", resumed {done:,} of {n:,} from finished chunks"
+            with contextlib.closing(parallel_map(
+                    functools.partial(prepare_sample, enc), source.items[done:], workers,
+                    chunksize, initializer=worker_init)) as results:
+                bar = progress_bar(results, total=n, initial=done, unit="img", desc=desc,
+                                   enabled=progress, mininterval=0.5)
+                for pos, res in enumerate(bar, start=done):
                     part = parts[owner[pos]]
                     if isinstance(res, Rejected):
                         if opts.on_error == "fail":
                             raise ConvertError(f"{res.message}\n(nothing was written; fix or "
                                                f"remove the file, or pass --on-error skip to "
                                                f"leave it out)")
-                        part.skipped.append((res.file, res.reason))
-                        continue
-                    part.outputs.add(part.stats.count, res)
-                    part.stats.update(res.label, res.height, res.width, res.sums, res.sumsq)
-                    part.fp.update(res.sha256, res.label)
-                    part.kept.append(pos)
+                        part.writer.skip(res.file, res.reason)
+                    else:
+                        part.writer.add(pos, res)
+                    if log.due(pos + 1) and pos + 1 < n:
+                        log.save(pos + 1, parts)
+            if done < n:  # the end of the loop: a kill while closing redoes no sample
+                log.save(n, parts)
             for part in parts:
-                if part.stats.count == 0:
-                    why = "; ".join(f"{f}: {r}" for f, r in part.skipped[:3])
+                if part.writer.count == 0:
+                    why = "; ".join(f"{f}: {r}" for f, r in part.writer.skipped[:3])
                     which = "" if part.role == "whole" else f" of the {part.role} part"
                     raise ConvertError(f"{src}: every file{which} was bad, nothing to convert "
                                        f"({why})")
             for part in parts:
-                part.stores = part.outputs.close()
+                part.stores = part.writer.close()
         except BaseException as e:
             for part in parts:
-                if part.outputs is not None:
-                    part.outputs.abort()
+                if part.writer is not None:
+                    part.writer.abort()
             if isinstance(e, RecordTooLarge):
                 raise ConvertError(str(e)) from e
             raise
         for part in parts:
+            w = part.writer
             holdout = None if part.role == "whole" else {
                 "role": part.role, "val_fraction": opts.val_fraction, "seed": opts.val_seed,
-                "source": given_src, "source_positions": part.kept}
+                "source": given_src, "source_positions": w.kept}
             part.manifest = mf.build_manifest(
                 split=part.split,
                 source={"kind": source.kind, "path": source.path,
                         "description": source.description},
-                classes=source.classes, stats=part.stats, fingerprint=part.fp.hexdigest(),
-                options={**opts.manifest_options(), "lowres_side": low_side},
-                stores=part.stores, skipped=part.skipped, holdout=holdout)
+                classes=source.classes, stats=w.stats, fingerprint=w.fp.hexdigest(),
+                options=options, stores=part.stores, skipped=w.skipped, holdout=holdout)
+        log.finish()
+        for part in parts:
             write_text_atomic(part.staging.path / MANIFEST_NAME,  # last: complete
                               mf.dumps(part.manifest))
         for part in parts:  # both parts are complete on disk before either is swapped in
             part.staging.commit()
     seconds = time.perf_counter() - start
-    results = [ConvertResult(out_dir=p.out_dir, manifest=p.manifest, seconds=seconds)
-               for p in parts]
+    results = [ConvertResult(out_dir=p.out_dir, manifest=p.manifest, seconds=seconds,
+                             resumed=done, discarded=log.note) for p in parts]
     if len(results) > 1:
         results[0].val = results[1]
     return results[0]
+
+
+def _open_writers(parts: list, opts: ConvertOptions, low_side, source, ckpt, log, mismatch):
+    """Each part's :class:`PartWriter`, continuing ``ckpt`` when there is one;
+    files that do not match it (``mismatch``) -> start over. -> the checkpoint used."""
+    def open_all(ckpt) -> None:
+        for part in parts:
+            part.writer = PartWriter(part.staging.path, part.split, opts, part.capacity,
+                                     low_side, len(source.classes), source.skipped,
+                                     resume=None if ckpt is None else ckpt.part(part.role))
+
+    try:
+        open_all(ckpt)
+        return ckpt
+    except mismatch as e:
+        for part in parts:
+            if part.writer is not None:
+                part.writer.abort()
+                part.writer = None
+        log.restart(f"its files do not match its checkpoint ({e})")
+        open_all(None)
+        return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -475,6 +419,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--val-out", metavar="VAL_DIR",
                    help="where the held-out split goes (default: a sibling 'val' when OUT_DIR "
                         "is named 'train', else OUT_DIR-val); needs --val-fraction")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="checkpoint after every N source items so a killed run resumes "
+                        "(default: every 30 s of converting)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -495,7 +442,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         source_kind=args.source_kind, hdf5_images=args.hdf5_images,
         hdf5_labels=args.hdf5_labels, cifar_split=args.cifar_split, on_error=args.on_error,
         workers=args.workers, val_fraction=args.val_fraction, val_seed=args.val_seed,
-        val_out=args.val_out)
+        val_out=args.val_out, checkpoint_every=args.checkpoint_every)
     try:
         result = convert(args.src, args.out_dir, opts, progress=not args.no_progress)
     except ConvertError as e:  # bad input or options: exit status 1, as always
@@ -508,6 +455,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise
         print(f"error: {e}\n(set CQKD_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    if result.discarded and args.no_progress:  # else the progress output said so
+        print(f"convert: {result.discarded}", file=sys.stderr)
+    if result.resumed:
+        print(f"resumed {result.resumed:,} source items from a killed run's finished chunks "
+              f"(the rate below counts the whole store)")
     if result.val is None:
         m = result.manifest
         print(mf.summary(m))

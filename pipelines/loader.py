@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import abc
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
-from dataset_tools.stores.layout import Store, open_store
+from dataset_tools.stores.layout import Store, StoreError, open_store
 from pipelines.batch import Batch
 from pipelines.views import ViewConfig, epoch_view_ids, view_params
 
@@ -62,6 +63,54 @@ class LoaderConfig:
         return torch.device(self.device)
 
 
+def check_lowres_fits(store: Store, cfg: LoaderConfig) -> None:
+    """Refuse a run that would upscale crops of the low-res companion store.
+
+    The converter sizes that store for one student: shorter side
+    ``S = ceil(R * sqrt(a / s))`` (``dataset_tools.records.lowres_side``) so
+    that a crop of area fraction ``>= s`` and aspect ``<= a`` of it still has
+    ``>= R`` pixels a side. A run reading it (``lowres=True``) with a larger
+    student resolution, a smaller ``scale`` lower bound or a wider ``ratio``
+    range would crop fewer than R pixels and upscale them: the student would
+    train on blurrier pixels than the full-resolution path gives, silently.
+    Checked here, where every backend's config meets its store. Eval views
+    (``train=False``, ``fixed_view=0``) are the whole image: ``S >= R``."""
+    from dataset_tools.convert import ConvertOptions
+    from dataset_tools.records import lowres_side
+
+    if not store.has("ffcv_lowres"):
+        return  # the backend names the missing store and its fix
+    side = int(store.manifest["stores"]["ffcv_lowres"]["resolution"])
+    whole = not cfg.train or cfg.fixed_view == 0
+    scale = 1.0 if whole else float(cfg.scale[0])
+    aspect = 1.0 if whole else max(float(cfg.ratio[1]), 1.0 / float(cfg.ratio[0]))
+    need = lowres_side(cfg.student_resolution, scale, aspect)
+    if side >= need:
+        return
+    built = store.manifest.get("options", {})
+    smallest = side * math.sqrt(scale / aspect)
+    view = ("whole-image views" if whole else f"crop scale lower bound {scale:g} (data.scale) and "
+            f"aspect up to {aspect:.4g} (data.ratio)")
+    flags = f"--student-resolution {cfg.student_resolution}"
+    if not whole and scale != ConvertOptions.min_crop_scale:
+        flags += f" --min-crop-scale {scale!r}"
+    if not whole and aspect != ConvertOptions.max_aspect_ratio:
+        flags += f" --max-aspect-ratio {aspect!r}"
+    fixes = [f"reconvert with {flags} (a low-res side of {need} px)"]
+    if not whole and lowres_side(cfg.student_resolution, 1.0, aspect) <= side:
+        lo = math.ceil(aspect * (cfg.student_resolution / side) ** 2 * 1000) / 1000
+        while lowres_side(cfg.student_resolution, lo, aspect) > side:  # float rounding
+            lo += 0.001
+        fixes.append(f"raise data.scale's lower bound to at least {lo:g}")
+    fixes.append("set data.lowres=false to crop the full-resolution store")
+    raise StoreError(
+        f"{store.root}: its low-res store {store.path('ffcv_lowres').name} has shorter side "
+        f"{side} px (built for a {built.get('student_resolution')} px student, min crop scale "
+        f"{built.get('min_crop_scale')}), but this run's student resolution "
+        f"{cfg.student_resolution} px with {view} crops as little as {smallest:.1f} px of it "
+        f"and would upscale that to {cfg.student_resolution} px; " + ", or ".join(fixes))
+
+
 def dist_info() -> tuple[int, int]:
     """(rank, world_size) from torch.distributed when initialized, else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -79,6 +128,8 @@ class BaseLoader(abc.ABC):
                              "full-resolution teacher view; set teacher_resolution=0 or lowres=False")
         self.cfg = cfg
         self.store: Store = open_store(cfg.store, cfg.expected_fingerprint)
+        if cfg.lowres:
+            check_lowres_fits(self.store, cfg)
         self.device = cfg.resolve_device()
         r, w = dist_info()
         self.rank = r if rank is None else rank

@@ -14,7 +14,11 @@ Purposes:
 * ``cache``: the training split at the teacher resolution, every sample once
   with ``fixed_view`` (teacher-cache filling).
 * ``val`` / ``test``: the validation (held out from train) or test split,
-  whole images (view 0), no flip, every sample once.
+  whole images (view 0), no flip, every sample once, from the
+  full-resolution store (never the low-res one, whatever training read):
+  ``Trainer.val_loop`` and ``evaluate`` build their loaders here with the
+  same settings, so one checkpoint on one store gives the same logits both
+  ways (tests/trainer/test_store_checks_run.py).
 """
 from __future__ import annotations
 

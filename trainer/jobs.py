@@ -181,7 +181,9 @@ def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
     ranks share the forward passes and gather the logits; rank 0 writes."""
     device = setup_distributed(cfg)
     path, ck, model = _load_evaluable(cfg, checkpoint, open_store(cfg.data.test_store).num_classes)
-    model = model.to(device)
+    # as Trainer.val_loop runs it: the same loader settings (trainer/data.py) and memory format
+    fmt = torch.channels_last if cfg.data.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
     with _eval_loader(cfg, "test", ck["student_resolution"], device) as loader:
         t0 = time.perf_counter()  # one pass: the metrics come from the collected logits
         logits, labels = collect_logits(model, loader, _autocast_for(cfg, device))

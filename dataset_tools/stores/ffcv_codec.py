@@ -2,7 +2,7 @@
 
 ``import ffcv`` (any submodule runs the package's ``__init__``) loads its
 Loader, torch and numba: ~4 s of CPU per process. Convert workers start from
-a fork server (see ``dataset_tools.convert._parallel_map``), so each would
+a fork server (see ``dataset_tools.parallel.parallel_map``), so each would
 pay that before its first image, more than a small conversion takes
 (measurements: docs/design/convert.md). They need only three small things
 from FFCV, which this module provides with OpenCV and ctypes alone:

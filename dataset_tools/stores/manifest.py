@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -30,8 +30,16 @@ class Fingerprint:
         self._h = hashlib.sha256()
 
     def update(self, source_sha256_hex: str, label: int) -> None:
-        self._h.update(bytes.fromhex(source_sha256_hex))
-        self._h.update(int(label).to_bytes(8, "little", signed=True))
+        self._h.update(self.entry(source_sha256_hex, label))
+
+    @staticmethod
+    def entry(source_sha256_hex: str, label: int) -> bytes:
+        """The 40 bytes one sample adds (a resumed conversion replays them)."""
+        return bytes.fromhex(source_sha256_hex) + int(label).to_bytes(8, "little", signed=True)
+
+    def update_entries(self, entries: bytes) -> None:
+        """Add samples' :meth:`entry` bytes, concatenated in sample order."""
+        self._h.update(entries)
 
     def hexdigest(self) -> str:
         return "sha256:" + self._h.hexdigest()
@@ -95,6 +103,17 @@ class DatasetStats:
 
     def __post_init__(self) -> None:
         self.class_counts = [0] * self.num_classes
+
+    def to_dict(self) -> dict:
+        """Exact (integers only), for a conversion's checkpoint."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DatasetStats":
+        stats = cls(d["num_classes"])
+        for k, v in d.items():
+            setattr(stats, k, v)
+        return stats
 
     def update(self, label: int, h: int, w: int, sums: list[int], sumsq: list[int]) -> None:
         self.class_counts[label] += 1
