@@ -57,10 +57,13 @@ def profile_kind(cfg, kind: str) -> dict:
     cfg, role = kind_config(cfg, kind)
     trainer = Trainer(cfg, role)
     try:
+        def next_epoch():  # as Trainer.fit moves on
+            trainer.epoch, trainer.step_in_epoch = trainer.epoch + 1, 0
+
         trainer.train_loop()  # warm-up
-        trainer.epoch += 1
+        next_epoch()
         plain = trainer.train_loop()
-        trainer.epoch += 1
+        next_epoch()
         steps = len(trainer.train_loader)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
         with profile(activities=activities) as prof:
@@ -85,7 +88,8 @@ def profile_kind(cfg, kind: str) -> dict:
             "validation_ms": val_s * 1e3, "validation_share_of_epoch_plus_val": val_s / (train_s + val_s)}
 
 
-def print_table(rows: list[dict], file=sys.stdout) -> None:
+def print_table(rows: list[dict], file=None) -> None:
+    file = file or sys.stdout
     cols = PHASES + ("other",)
     print(f"{'kind':11s} {'img/s':>7s} " + " ".join(f"{c[:8]:>8s}" for c in cols) + f" {'val ms':>7s}",
           file=file)

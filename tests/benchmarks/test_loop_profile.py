@@ -1,0 +1,29 @@
+"""The loop profile: every phase the engine labels is found, the shares add
+up to the epoch, and the profiled teacher kind never touches the run's
+trained teacher."""
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.loop_profile import PHASES, print_table, profile_kind
+
+
+@pytest.mark.parametrize("kind", ["kd_cutmix", "teacher"])
+def test_phases_cover_the_epoch(teacher_run, kind, capsys):
+    cfg, *_ = teacher_run
+    before = cfg.teacher_checkpoint.stat().st_mtime_ns
+    row = profile_kind(cfg, kind)
+    share = row["share_of_epoch"]
+    assert set(share) == set(PHASES) | {"other"}
+    for phase in ("data", "forward_loss", "backward", "optimizer", "stats"):
+        assert share[phase] > 0, phase
+    if kind == "teacher":  # no teacher targets: the label wraps a no-op
+        assert share["targets"] < 0.01
+    else:
+        assert share["targets"] > 0
+    assert (share["mix"] > 0) == (kind == "kd_cutmix")
+    assert sum(share.values()) == pytest.approx(1.0, abs=0.05)
+    assert row["train_images_per_sec"] > 0 and row["validation_ms"] > 0
+    assert cfg.teacher_checkpoint.stat().st_mtime_ns == before
+    print_table([row])
+    assert kind in capsys.readouterr().out
