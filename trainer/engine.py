@@ -28,10 +28,10 @@ from tqdm import tqdm
 
 from pipelines.loader import create_loader
 from pipelines.mixing import Mixer
-from trainer.data import cache_key, loader_config
+from trainer.data import cache_key, loader_config, teacher_cache_path
 from trainer.evaluation.calibration import CalibrationMeter
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap, weights_hash
-from trainer.distill.logit_cache import LogitCache
+from trainer.distill.teacher_cache import open_teacher_cache
 from trainer.distill.loss import DistillLoss
 from trainer.distill.loss_config import LossConfig
 from trainer.distill.targets import CachedTargets, NoTargets, OnlineTargets
@@ -213,7 +213,8 @@ class Trainer:
         if rc.targets == "online":
             return OnlineTargets(teacher, teacher_t, self._autocast)
         key = cache_key(cfg, whash, self.train_loader.store.fingerprint, device=self.device, amp=self.amp)
-        cache = LogitCache.open(cfg.cache_path, key, device=self.device)
+        cache = open_teacher_cache(teacher_cache_path(cfg, self.train_loader.store), key,
+                                   device=self.device)
         return CachedTargets(cache, teacher_t, cfg.distill.cached_mix,
                              need_features=rc.loss.rkd > 0 or rc.loss.crd > 0)
 

@@ -107,11 +107,26 @@ class DistillSection:
     # validation split (python -m trainer calibrate) before smoothing at loss.temperature
     calibrated_teacher: bool = False
     cached_mix: str = "probs"  # cached targets under mixing: mix probabilities | logits
+    # teacher-cache format (trainer/distill/teacher_cache.py): dense (every logit,
+    # loaded whole onto the device) | topk (top-k logits + tail summary, memory-mapped)
+    # | auto: dense while the dense logits take at most cache_dense_max_gb
+    cache_format: str = "auto"
+    cache_topk: int = 32  # logits kept per row by the topk format
+    cache_dense_max_gb: float = 4.0
+    # teacher embeddings for RKD/CRD: auto (dense: stored; topk: only if loss.rkd/crd > 0) | always | never
+    cache_features: str = "auto"
 
     def __post_init__(self):
         _choice("distill.targets", self.targets, ("cached", "online", "none"))
         _choice("distill.cache_dtype", self.cache_dtype, ("float16", "float32"))
         _choice("distill.cached_mix", self.cached_mix, ("probs", "logits"))
+        _choice("distill.cache_format", self.cache_format, ("auto", "dense", "topk"))
+        _choice("distill.cache_features", self.cache_features, ("auto", "always", "never"))
+        if not 1 <= self.cache_topk < 2 ** 16:
+            raise ValueError(f"distill.cache_topk={self.cache_topk} must be in [1, 65535] (class ids "
+                             f"are stored as uint16)")
+        if self.cache_dense_max_gb < 0:
+            raise ValueError(f"distill.cache_dense_max_gb={self.cache_dense_max_gb} must be >= 0")
     teacher_checkpoint: str = ""  # default: runs/<name>/teacher/final.pt
 
 
@@ -160,9 +175,20 @@ class Config:
     def temperature_file(self) -> Path:
         return self.teacher_dir / "temperature.json"
 
+    def cache_file(self, fmt: str) -> Path:
+        """The teacher cache of format ``fmt`` (``dense``: an HDF5 file; ``topk``:
+        a directory); ``trainer.data.teacher_cache_path`` resolves ``auto``."""
+        stem = f"logits_K{self.data.num_views}_r{self.data.teacher_resolution}"
+        if fmt == "dense":
+            return self.run.root / f"{stem}.h5"
+        if fmt == "topk":
+            return self.run.root / f"{stem}_top{self.distill.cache_topk}.topk"
+        raise ValueError(f"cache format must be dense or topk, got {fmt!r}")
+
     @property
     def cache_path(self) -> Path:
-        return self.run.root / f"logits_K{self.data.num_views}_r{self.data.teacher_resolution}.h5"
+        """The dense cache file (what ``cache_format: auto`` resolves to on small data)."""
+        return self.cache_file("dense")
 
     @property
     def student_dir(self) -> Path:
