@@ -188,21 +188,26 @@ def cache_is_current(cfg: Config) -> bool:
     this recipe, teacher and machine expect (else it is removed, to be refilled)."""
     import torch
 
-    from trainer.data import cache_key
-    from trainer.distill.logit_cache import CacheError, LogitCache, remove_cache
+    from trainer.data import cache_key, teacher_cache_path
+    from trainer.distill.logit_cache import CacheError, CacheTooLargeError, remove_cache
+    from trainer.distill.teacher_cache import open_teacher_cache
     from trainer.engine import amp_dtype
 
-    if not cfg.cache_path.is_file() or not cfg.cache_path.with_suffix(".json").is_file():
+    store = open_store(cfg.data.train_store)
+    path = teacher_cache_path(cfg, store)
+    if not path.exists() or not path.with_suffix(".json").is_file():
         return False
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     key = cache_key(cfg, load_checkpoint(cfg.teacher_checkpoint)["weights_hash"],
-                    open_store(cfg.data.train_store).fingerprint, device=device, amp=amp_dtype(cfg, device))
+                    store.fingerprint, device=device, amp=amp_dtype(cfg, device))
     try:
-        LogitCache.open(cfg.cache_path, key)
+        open_teacher_cache(path, key)
         return True
+    except CacheTooLargeError:
+        raise  # valid but too big for this machine: refilling would not help
     except CacheError as e:
         print(f"teacher cache: filling again ({str(e).splitlines()[0]})")
-        remove_cache(cfg.cache_path)
+        remove_cache(path)
         return False
 
 

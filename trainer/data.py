@@ -22,6 +22,7 @@ Purposes:
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -29,6 +30,7 @@ import torch
 from pipelines.loader import LoaderConfig
 from pipelines.views import ViewConfig
 from trainer.distill.logit_cache import CacheKey
+from trainer.distill.teacher_cache import resolve_format
 
 PURPOSES = ("train", "cache", "val", "test")
 
@@ -75,3 +77,17 @@ def cache_key(cfg, teacher_hash: str, fingerprint: str, device="cpu", amp=None) 
                             "channels_last": bool(lc.channels_last)},
                     compute={"device": torch.device(device).type,
                              "amp": str(amp).replace("torch.", "") if amp is not None else "float32"})
+
+
+def teacher_cache_format(cfg, store) -> str:
+    """``dense`` or ``topk``: ``distill.cache_format`` resolved for the training
+    store (``store.num_samples``, ``store.num_classes``)."""
+    d = cfg.distill
+    return resolve_format(d.cache_format, store.num_samples, cfg.data.num_views, store.num_classes,
+                          d.cache_dtype, d.cache_topk, d.cache_dense_max_gb)
+
+
+def teacher_cache_path(cfg, store) -> Path:
+    """Where this recipe's teacher cache lives for the training ``store`` (the
+    file name says the format)."""
+    return cfg.cache_file(teacher_cache_format(cfg, store))

@@ -28,13 +28,13 @@ from torch.utils.tensorboard import SummaryWriter
 from dataset_tools.progress import log_line, progress
 from pipelines.loader import create_loader
 from pipelines.mixing import Mixer
-from trainer.data import cache_key, loader_config
+from trainer.data import cache_key, loader_config, teacher_cache_path
 from trainer.distributed import gather_by_index, is_main, sync_buffers
 from trainer.distributed import rank as process_rank
 from trainer.distributed import setup as setup_distributed
 from trainer.evaluation.calibration import CalibrationMeter, calibration_metrics
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap, weights_hash
-from trainer.distill.logit_cache import LogitCache
+from trainer.distill.teacher_cache import open_teacher_cache
 from trainer.distill.loss import DistillLoss
 from trainer.distill.loss_config import LossConfig
 from trainer.distill.targets import CachedTargets, NoTargets, OnlineTargets
@@ -210,7 +210,8 @@ class Trainer:
         if rc.targets == "online":
             return OnlineTargets(teacher, teacher_t, self._autocast)
         key = cache_key(cfg, whash, self.train_loader.store.fingerprint, device=self.device, amp=self.amp)
-        cache = LogitCache.open(cfg.cache_path, key, device=self.device)
+        cache = open_teacher_cache(teacher_cache_path(cfg, self.train_loader.store), key,
+                                   device=self.device)
         return CachedTargets(cache, teacher_t, cfg.distill.cached_mix,
                              need_features=rc.loss.rkd > 0 or rc.loss.crd > 0)
 

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from dataset_tools.atomic import write_json_atomic as write_json
-from dataset_tools.progress import progress
+from dataset_tools.progress import log_line, progress
 from dataset_tools.stores.layout import open_store
 from pipelines.loader import create_loader
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint
-from trainer.data import cache_key, loader_config
-from trainer.distill.logit_cache import LogitCache, fill_cache
+from trainer.data import cache_key, loader_config, teacher_cache_format
+from trainer.distill.teacher_cache import fill_teacher_cache, open_teacher_cache, plan_fill, stores_features
 from trainer.engine import Trainer, amp_dtype, collect_logits, load_teacher, setup_distributed
 from trainer.evaluation.calibration import calibration_metrics, reliability_diagram
 from trainer.evaluation.temperature import fit_temperature
@@ -101,16 +101,27 @@ def run_calibrate(cfg: Config) -> dict:
 
 
 def run_cache(cfg: Config) -> dict:
-    """Fill the teacher cache: logits and penultimate embeddings of K
-    full-resolution views per training sample. Under torchrun each rank
-    computes the part files of its shard of every view and rank 0 assembles
-    the cache (:func:`~trainer.distill.logit_cache.fill_cache`)."""
+    """Fill the teacher cache: logits (and penultimate embeddings, see
+    ``distill.cache_features``) of K full-resolution views per training
+    sample, in the format ``distill.cache_format`` resolves to; its sizes are
+    printed and checked against memory and disk before the teacher runs.
+    Under torchrun each rank computes the part files of its shard of every
+    view and rank 0 assembles the cache
+    (:func:`~trainer.distill.logit_cache.fill_parts`)."""
     device = setup_distributed(cfg)
-    d = cfg.data
+    d, dc = cfg.data, cfg.distill
     if d.num_views < 1:
         raise ValueError("data.num_views must be >= 1 to fill a logit cache")
     store = open_store(d.train_store)
+    fmt = teacher_cache_format(cfg, store)
+    path = cfg.cache_file(fmt)
     teacher, whash = load_teacher(cfg, store.num_classes, device)
+    feature_dim = teacher.feature_dim if stores_features(
+        fmt, dc.cache_features, cfg.loss.rkd > 0 or cfg.loss.crd > 0) else 0
+    plan = plan_fill(fmt, path, store.num_samples, d.num_views, store.num_classes, dc.cache_dtype,
+                     dc.cache_topk, feature_dim)
+    if distributed.is_main():
+        log_line(plan["summary"])
     key = cache_key(cfg, whash, store.fingerprint, device=device, amp=amp_dtype(cfg, device))
     autocast = _autocast_for(cfg, device)
     rank, world = distributed.rank(), distributed.world_size()
@@ -126,24 +137,29 @@ def run_cache(cfg: Config) -> dict:
                 def compute(batch=batch):
                     with torch.no_grad(), autocast():
                         emb, logits = teacher.forward_features(batch.student)
-                    return logits.float().cpu().numpy(), emb.float().cpu().numpy()
+                    logits = logits.float().cpu().numpy()
+                    return (logits, emb.float().cpu().numpy()) if feature_dim else logits
                 yield batch.indices.cpu().numpy(), compute
 
-    path = fill_cache(cfg.cache_path, key, store.num_samples, store.num_classes, d.num_views,
-                      view_batches, dtype=cfg.distill.cache_dtype, progress=bar.update,
-                      feature_dim=teacher.feature_dim, rank=rank, world_size=world,
-                      barrier=distributed.barrier)
+    path = fill_teacher_cache(fmt, path, key, store.num_samples, store.num_classes, d.num_views,
+                              view_batches, dtype=dc.cache_dtype, progress=bar.update,
+                              feature_dim=feature_dim, topk=dc.cache_topk, rank=rank, world_size=world,
+                              barrier=distributed.barrier)
     bar.close()
     seconds = time.perf_counter() - t0
     if not distributed.is_main():  # rank 0 reads the assembled cache and tells the others
         return distributed.broadcast_object(None)
-    cache = LogitCache.open(path, key)
-    result = {"path": str(path), "num_samples": cache.num_samples, "num_views": cache.num_views,
-              "num_classes": cache.num_classes, "feature_dim": cache.feature_dim,
-              "dtype": cfg.distill.cache_dtype, "fp16_max_abs_error": cache.fp16_max_abs_error,
+    cache = open_teacher_cache(path, key)
+    result = {"path": str(path), "format": fmt, "num_samples": cache.num_samples,
+              "num_views": cache.num_views, "num_classes": cache.num_classes,
+              "feature_dim": cache.feature_dim, "dtype": dc.cache_dtype,
+              "logits_bytes": plan["logits_bytes"], "features_bytes": plan["features_bytes"],
+              "fp16_max_abs_error": cache.fp16_max_abs_error,
               "features_fp16_max_abs_error": cache.features_fp16_max_abs_error, "seconds": seconds,
               "teacher_images_per_sec": store.num_samples * d.num_views / max(seconds, 1e-9)}
-    write_json(cfg.cache_path.with_suffix(".json"), result)
+    if fmt == "topk":
+        result.update(topk=cache.topk, reconstruction_kl=cache.meta["reconstruction_kl"])
+    write_json(path.with_suffix(".json"), result)
     return distributed.broadcast_object(result)
 
 

@@ -126,7 +126,7 @@ class OptimSection:
 
 @dataclass
 class DistillSection:
-    """Where the student's teacher targets come from."""
+    """Where the student's teacher targets come from, and the teacher cache."""
 
     targets: str = setting("cached", "cached (logit cache) | online (the teacher runs) | none "
                            "(supervised)", choices=("cached", "online", "none"))
@@ -137,10 +137,24 @@ class DistillSection:
                                        "(calibrate) before smoothing at loss.temperature")
     cached_mix: str = setting("probs", "cached targets under mixing: mix probabilities or logits",
                               choices=("probs", "logits"))
+    cache_format: str = setting("auto", "teacher-cache format: dense (every logit, loaded whole onto "
+                                "the device) | topk (top-k logits + tail summary, memory-mapped) | "
+                                "auto (dense while it takes at most cache_dense_max_gb)",
+                                choices=("auto", "dense", "topk"))
+    cache_topk: int = setting(32, "logits kept per row by the topk format")
+    cache_dense_max_gb: float = setting(4.0, "auto: the largest dense cache (GB of logits)")
+    cache_features: str = setting("auto", "teacher embeddings for RKD/CRD: auto (dense: stored; topk: "
+                                  "only if loss.rkd/crd > 0) | always | never",
+                                  choices=("auto", "always", "never"))
     teacher_checkpoint: str = setting("", "the teacher (default: runs/<name>/teacher/final.pt)")
 
     def __post_init__(self):
         check_choices(self, "distill")
+        if not 1 <= self.cache_topk < 2 ** 16:
+            raise ConfigError(f"distill.cache_topk={self.cache_topk} must be in [1, 65535] (class ids "
+                              f"are stored as uint16)")
+        if self.cache_dense_max_gb < 0:
+            raise ConfigError(f"distill.cache_dense_max_gb={self.cache_dense_max_gb} must be >= 0")
 
 
 @dataclass
@@ -203,9 +217,20 @@ class Config:
     def temperature_file(self) -> Path:
         return self.teacher_dir / "temperature.json"
 
+    def cache_file(self, fmt: str) -> Path:
+        """The teacher cache of format ``fmt`` (``dense``: an HDF5 file; ``topk``:
+        a directory); ``trainer.data.teacher_cache_path`` resolves ``auto``."""
+        stem = f"logits_K{self.data.num_views}_r{self.data.teacher_resolution}"
+        if fmt == "dense":
+            return self.run.root / f"{stem}.h5"
+        if fmt == "topk":
+            return self.run.root / f"{stem}_top{self.distill.cache_topk}.topk"
+        raise ValueError(f"cache format must be dense or topk, got {fmt!r}")
+
     @property
     def cache_path(self) -> Path:
-        return self.run.root / f"logits_K{self.data.num_views}_r{self.data.teacher_resolution}.h5"
+        """The dense cache file (what ``cache_format: auto`` resolves to on small data)."""
+        return self.cache_file("dense")
 
     @property
     def student_dir(self) -> Path:

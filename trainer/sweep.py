@@ -224,7 +224,10 @@ def sweep_cost(cfg: Config, sweep_seconds: float, train_images: int) -> dict:
     """The measured cost and what the online teacher would add: its forward
     pass on every image the sweep trained on, at the rate the cache fill
     measured (teacher forward plus loading at full resolution)."""
-    info_file = cfg.cache_path.with_suffix(".json")
+    from dataset_tools.stores.layout import open_store
+    from trainer.data import teacher_cache_path
+
+    info_file = teacher_cache_path(cfg, open_store(cfg.data.train_store)).with_suffix(".json")
     rate = json.loads(info_file.read_text()).get("teacher_images_per_sec") if info_file.is_file() else None
     online = sweep_seconds + train_images / rate if rate else None
     return {"seconds": sweep_seconds, "train_images": train_images, "teacher_images_per_sec": rate,

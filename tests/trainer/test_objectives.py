@@ -78,7 +78,7 @@ class FakeCache:
     def __init__(self, features=True):
         self.features = torch.tensor([[[1.0, 2.0]], [[3.0, 5.0]]]) if features else None
 
-    def lookup(self, idx, views):
+    def lookup(self, idx, views, temperature=1.0):  # dense rows: exact at every T
         return torch.tensor(Z_T)[idx]
 
     def lookup_features(self, idx, views):

@@ -31,7 +31,13 @@ DistributedSampler shard of every view (named by rank, so no two ranks ever
 write the same file); rank 0 alone prepares the part folder, assembles the
 cache after a barrier and deletes the parts, while the others wait at the
 final barrier. A sample in two shards (the sampler's padding) is written by
-both ranks; assembly keeps the higher rank's row, from the same image.
+both ranks; assembly keeps the higher rank's row, from the same image. Every
+format fills through :func:`fill_parts`, so this holds for each.
+
+This dense format is the fast path for small datasets (CIFAR: tens of MB).
+Past what fits in memory, :mod:`trainer.distill.topk_cache` stores the top-k
+logits plus a tail summary, memory-mapped; :func:`ensure_dense_fits` refuses
+to load (or fill) a dense cache that cannot fit, naming its size and that fix.
 """
 from __future__ import annotations
 
@@ -45,10 +51,12 @@ from typing import Callable, Iterable, Optional, Union
 
 import h5py
 import numpy as np
+import psutil
 import torch
 
 from dataset_tools.atomic import atomic_write_bytes
 from dataset_tools.errors import CqkdError
+from trainer.distill.cache_sizes import gb, topk_nbytes
 
 FORMAT_VERSION = 2
 READABLE_FORMAT_VERSIONS = (1, 2)  # 1: logits only
@@ -59,6 +67,10 @@ Computed = Union[np.ndarray, tuple[np.ndarray, np.ndarray]]
 
 class CacheError(CqkdError, RuntimeError):
     pass
+
+
+class CacheTooLargeError(CacheError):
+    """A dense cache that cannot fit in memory (valid, but not loadable here)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,47 @@ class CacheKey:
         a, b = json.loads(self.to_json()), json.loads(other.to_json())
         return [f"{k}: cache has {a.get(k)!r}, expected {b.get(k)!r}" for k in sorted(set(a) | set(b))
                 if a.get(k) != b.get(k)]
+
+
+# A dense cache is held whole in memory; it may take at most this share of the
+# memory available when it is filled or opened, leaving the rest to the model,
+# the optimizer and the loader workers.
+DENSE_MEMORY_FRACTION = 0.5
+
+
+def available_memory(device) -> tuple[int, int, str]:
+    """``(available bytes, total bytes, name)`` of the host RAM or a CUDA device's memory."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, total = torch.cuda.mem_get_info(dev)
+        return free, total, f"GPU memory on {dev}"
+    vm = psutil.virtual_memory()
+    return vm.available, vm.total, "RAM"
+
+
+def ensure_dense_fits(path, logits_shape: tuple, itemsize: int, feature_dim: int, device,
+                      action: str = "be loaded") -> None:
+    """Raise :class:`CacheTooLargeError` naming the size and the fix when the dense
+    cache ``[N, K, C]`` (+ features ``[N, K, D]``) would take more than
+    :data:`DENSE_MEMORY_FRACTION` of the available host memory (always: it is
+    read or assembled there) or of ``device``'s memory (when it is CUDA)."""
+    n, k, c = (int(x) for x in logits_shape)
+    need = n * k * (c + feature_dim) * itemsize
+    places = ["cpu"] + ([device] if torch.device(device).type == "cuda" else [])
+    for place in places:
+        avail, total, name = available_memory(place)
+        if need <= DENSE_MEMORY_FRACTION * avail:
+            continue
+        feats = f" (logits {gb(n * k * c * itemsize)} + features {gb(n * k * feature_dim * itemsize)})" \
+            if feature_dim else ""
+        dtype = "float16" if itemsize == 2 else "float32"
+        raise CacheTooLargeError(
+            f"{path}: dense cache is {gb(need)}{feats} for {n:,} samples x {k} views x {c} classes, "
+            f"but this machine has {gb(avail)} of {name} available (of {gb(total)}); a dense cache is "
+            f"held whole in memory and may take at most {DENSE_MEMORY_FRACTION:.0%} of it, so it "
+            f"cannot {action} here. Use the compact format instead: python -m trainer cache "
+            f"--config ... distill.cache_format=topk (top-32 logits + a tail summary: "
+            f"{gb(topk_nbytes(n, k, min(32, max(1, c - 1)), dtype))}, memory-mapped and read per batch)")
 
 
 class LogitCache:
@@ -128,10 +181,13 @@ class LogitCache:
                     raise CacheError(f"{path}: cache format {f.attrs.get('format_version')}, "
                                      f"expected one of {READABLE_FORMAT_VERSIONS}; refill it")
                 key = CacheKey(**json.loads(f.attrs["key"]))
+                has_features = version >= 2 and int(f.attrs.get("feature_dim", 0)) > 0
+                ensure_dense_fits(path, f["logits"].shape, f["logits"].dtype.itemsize,
+                                  f["features"].shape[-1] if has_features else 0, device)
                 logits = torch.from_numpy(f["logits"][...])
                 err = float(f.attrs["fp16_max_abs_error"])
                 features, ferr = None, 0.0
-                if version >= 2 and int(f.attrs.get("feature_dim", 0)) > 0:
+                if has_features:
                     features = torch.from_numpy(f["features"][...])
                     ferr = float(f.attrs["features_fp16_max_abs_error"])
                     if features.shape[:2] != logits.shape[:2] or \
@@ -163,8 +219,10 @@ class LogitCache:
                              f"'python -m trainer cache --config ...' to refill it with features")
         return self
 
-    def lookup(self, indices: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
-        """Float32 logits ``[B, C]`` of the given (sample, view) pairs."""
+    def lookup(self, indices: torch.Tensor, view_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """Float32 logits ``[B, C]`` of the given (sample, view) pairs. Dense
+        rows are the teacher's logits, exact at every ``temperature`` (the
+        argument exists for the compact format, whose rows depend on it)."""
         dev = self.logits.device
         return self.logits[indices.to(dev, non_blocking=True), view_ids.to(dev, non_blocking=True)].float()
 
@@ -180,6 +238,12 @@ def _part_path(parts: Path, view: int, batch: int, rank: int = 0, world_size: in
     return parts / f"v{view:04d}{shard}-b{batch:07d}.npz"
 
 
+def view_parts(parts: Path, view: int) -> list[Path]:
+    """The part files of ``view``, every rank's, in assembly order (a higher
+    rank's row of a padded sample overwrites a lower one's)."""
+    return sorted(parts.glob(f"v{view:04d}-*.npz"))
+
+
 def _checked(name: str, value, shape: tuple[int, int], hint: str) -> np.ndarray:
     arr = np.asarray(value, dtype=np.float32)
     if arr.shape != shape:
@@ -190,7 +254,7 @@ def _checked(name: str, value, shape: tuple[int, int], hint: str) -> np.ndarray:
     return arr
 
 
-def _rounded(arr: np.ndarray, dtype: str, name: str) -> tuple[np.ndarray, float]:
+def to_cache_dtype(arr: np.ndarray, dtype: str, name: str) -> tuple[np.ndarray, float]:
     """``arr`` in the cache dtype and the max abs error of that rounding."""
     if dtype == "float32":
         return arr, 0.0
@@ -201,69 +265,91 @@ def _rounded(arr: np.ndarray, dtype: str, name: str) -> tuple[np.ndarray, float]
     return stored, float(np.abs(stored.astype(np.float32) - arr).max(initial=0.0))
 
 
+def computed_arrays(out: Computed, num_rows: int, num_classes: int, feature_dim: int) -> dict:
+    """``compute()``'s result checked: ``{"logits": [b, C]}`` plus
+    ``"features": [b, D]`` when ``feature_dim > 0``, float32 and finite."""
+    if feature_dim > 0:
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise CacheError("with feature_dim > 0, compute() must return "
+                             "(logits [b, C], features [b, D])")
+        return {"logits": _checked("logits", out[0], (num_rows, num_classes), "wrong class count?"),
+                "features": _checked("features", out[1], (num_rows, feature_dim), "wrong feature_dim?")}
+    if isinstance(out, tuple):
+        raise CacheError("compute() returned a tuple; pass feature_dim=D to "
+                         "fill_cache to store teacher features")
+    return {"logits": _checked("logits", out, (num_rows, num_classes), "wrong class count?")}
+
+
+def fill_parts(path, key: CacheKey, layout: dict, num_views: int,
+               view_batches: Callable[[int], Iterable[tuple[np.ndarray, Callable[[], Computed]]]],
+               part_arrays: Callable[[np.ndarray, Computed], dict],
+               progress: Optional[Callable[[int], None]] = None, rank: int = 0, world_size: int = 1,
+               barrier: Callable[[], None] = lambda: None) -> Path:
+    """Write (or resume writing) one atomic part file per batch under
+    ``<path>.parts/`` and return that folder; every cache format fills
+    through this. ``part_arrays(indices, compute())`` turns a batch into the
+    arrays its part stores. Parts of another key or ``layout`` (or process
+    count) are discarded. Under torchrun ``view_batches`` yields this rank's
+    shard and ``barrier`` waits for every rank (module docstring); on return
+    every rank's parts are on disk."""
+    parts = Path(str(path) + ".parts")
+    key_file, layout_file = parts / "key.json", parts / "layout.json"
+    layout_json = json.dumps({**layout, "world_size": world_size} if world_size > 1 else layout,
+                             sort_keys=True)
+    if rank == 0:
+        if parts.is_dir() and (not key_file.is_file() or key_file.read_text() != key.to_json()
+                               or not layout_file.is_file() or layout_file.read_text() != layout_json):
+            shutil.rmtree(parts)  # parts of another teacher/data/view config or layout: start over
+        parts.mkdir(parents=True, exist_ok=True)
+        if not key_file.is_file():
+            atomic_write_bytes(key_file, lambda f: f.write(key.to_json().encode()))
+        if not layout_file.is_file():
+            atomic_write_bytes(layout_file, lambda f: f.write(layout_json.encode()))
+    barrier()  # the part folder is ready (and fresh) before any rank writes into it
+    for v in range(num_views):
+        for b, (indices, compute) in enumerate(view_batches(v)):
+            part = _part_path(parts, v, b, rank, world_size)
+            if not part.is_file():
+                idx = np.asarray(indices, dtype=np.int64)
+                arrays = part_arrays(idx, compute())
+                atomic_write_bytes(part, lambda f, idx=idx, arrays=arrays: np.savez(f, indices=idx, **arrays))
+            if progress:
+                progress(len(indices))
+    barrier()  # every rank's parts are on disk
+    return parts
+
+
 def fill_cache(path, key: CacheKey, num_samples: int, num_classes: int, num_views: int,
                view_batches: Callable[[int], Iterable[tuple[np.ndarray, Callable[[], Computed]]]],
                dtype: str = "float16", progress: Optional[Callable[[int], None]] = None,
                feature_dim: int = 0, rank: int = 0, world_size: int = 1,
                barrier: Callable[[], None] = lambda: None) -> Path:
-    """Fill (or resume filling) the cache at ``path``.
+    """Fill (or resume filling) the dense cache at ``path``.
 
     ``view_batches(v)`` yields, for view ``v``, ``(indices, compute)`` per batch
     in a deterministic order; ``compute()`` runs the teacher and returns float32
     logits ``[b, C]``, or with ``feature_dim > 0`` the tuple ``(logits [b, C],
     features [b, D])`` (the pooled penultimate embedding). It is only called for
-    batches not already on disk.
-
-    With ``world_size > 1`` (torchrun), ``view_batches`` yields this rank's
-    shard and ``barrier`` waits for every rank; see the module docstring.
+    batches not already on disk. The whole cache is assembled in RAM, so
+    :func:`ensure_dense_fits` checks the host first. Under torchrun see
+    :func:`fill_parts`; rank 0 assembles while the others wait.
     """
     if dtype not in ("float16", "float32"):
         raise ValueError(f"cache dtype must be float16 or float32, got {dtype!r}")
     if feature_dim < 0:
         raise ValueError(f"feature_dim must be >= 0, got {feature_dim}")
     path = Path(path)
-    parts = Path(str(path) + ".parts")
-    key_file, layout_file = parts / "key.json", parts / "layout.json"
-    shape = {"num_classes": num_classes, "feature_dim": feature_dim}
-    layout = json.dumps({**shape, "world_size": world_size} if world_size > 1 else shape, sort_keys=True)
-    if rank == 0:
-        if parts.is_dir() and (not key_file.is_file() or key_file.read_text() != key.to_json()
-                               or not layout_file.is_file() or layout_file.read_text() != layout):
-            shutil.rmtree(parts)  # parts of another teacher/data/view config or layout: start over
-        parts.mkdir(parents=True, exist_ok=True)
-        if not key_file.is_file():
-            atomic_write_bytes(key_file, lambda f: f.write(key.to_json().encode()))
-        if not layout_file.is_file():
-            atomic_write_bytes(layout_file, lambda f: f.write(layout.encode()))
-    barrier()  # the part folder is ready (and fresh) before any rank writes into it
-
-    for v in range(num_views):
-        for b, (indices, compute) in enumerate(view_batches(v)):
-            part = _part_path(parts, v, b, rank, world_size)
-            if not part.is_file():
-                idx = np.asarray(indices, dtype=np.int64)
-                out = compute()
-                if feature_dim > 0:
-                    if not (isinstance(out, tuple) and len(out) == 2):
-                        raise CacheError("with feature_dim > 0, compute() must return "
-                                         "(logits [b, C], features [b, D])")
-                    arrays = {"logits": _checked("logits", out[0], (len(idx), num_classes),
-                                                 "wrong class count?"),
-                              "features": _checked("features", out[1], (len(idx), feature_dim),
-                                                   "wrong feature_dim?")}
-                else:
-                    if isinstance(out, tuple):
-                        raise CacheError("compute() returned a tuple; pass feature_dim=D to "
-                                         "fill_cache to store teacher features")
-                    arrays = {"logits": _checked("logits", out, (len(idx), num_classes),
-                                                 "wrong class count?")}
-                atomic_write_bytes(part, lambda f, idx=idx, arrays=arrays: np.savez(f, indices=idx, **arrays))
-            if progress:
-                progress(len(indices))
-    barrier()  # every rank's parts are on disk
+    itemsize = np.dtype(dtype).itemsize
+    ensure_dense_fits(path, (num_samples, num_views, num_classes), itemsize, feature_dim, "cpu",
+                      action="be assembled")
+    parts = fill_parts(path, key, {"num_classes": num_classes, "feature_dim": feature_dim},
+                       num_views, view_batches,
+                       lambda idx, out: computed_arrays(out, len(idx), num_classes, feature_dim),
+                       progress, rank, world_size, barrier)
     if rank != 0:
         barrier()  # rank 0 assembles
         return path
+
     # Assemble directly in the cache dtype (no float32 copy of the whole cache).
     np_dtype = np.float16 if dtype == "float16" else np.float32
     logits = np.zeros((num_samples, num_views, num_classes), dtype=np_dtype)
@@ -271,13 +357,13 @@ def fill_cache(path, key: CacheKey, num_samples: int, num_classes: int, num_view
     filled = np.zeros((num_samples, num_views), dtype=bool)
     err = {"logits": 0.0, "features": 0.0}
     for v in range(num_views):
-        for part in sorted(parts.glob(f"v{v:04d}-*.npz")):
+        for part in view_parts(parts, v):
             with np.load(part, allow_pickle=False) as z:
                 idx = z["indices"]
                 for name, dest in (("logits", logits), ("features", features)):
                     if dest is None:
                         continue
-                    stored, e = _rounded(z[name], dtype, name)
+                    stored, e = to_cache_dtype(z[name], dtype, name)
                     dest[idx, v] = stored
                     err[name] = max(err[name], e)
                 filled[idx, v] = True

@@ -5,8 +5,9 @@ teacher_emb)``: the teacher's distribution at the teacher temperature and its
 penultimate embedding, both mixed like the batch.
 
 * ``none``: no teacher (supervised student).
-* ``cached``: rows of the teacher cache (:mod:`trainer.distill.logit_cache`)
-  for the batch's (sample, view) pairs. The teacher never saw the mixed
+* ``cached``: rows of the teacher cache (:mod:`trainer.distill.teacher_cache`)
+  for the batch's (sample, view) pairs, looked up at the teacher temperature
+  (a top-k cache reconstructs the distribution at that temperature). The teacher never saw the mixed
   image, so the mixed target is an approximation (``distill.cached_mix``):
   ``probs`` mixes the per-sample distributions like the labels (the default),
   ``logits`` mixes the logits before the softmax. Embeddings are the cached
@@ -50,7 +51,7 @@ class CachedTargets:
         self.teacher_dim = cache.feature_dim if need_features else cache.num_classes
 
     def __call__(self, batch):
-        logits = self.cache.lookup(batch.indices, batch.view_ids)
+        logits = self.cache.lookup(batch.indices, batch.view_ids, self.temperature)
         emb = self.cache.lookup_features(batch.indices, batch.view_ids) if self.need_features else None
         mix = batch.mix
         if mix is None:
