@@ -41,6 +41,7 @@ class VerifyError(CqkdError):
 
 
 def _flat_decoder():
+    import dataset_tools.ffcv_import  # noqa: F401 (FFCV without its torch-threads side effect)
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.pipeline.allocation_query import AllocationQuery
 
@@ -61,6 +62,7 @@ def _flat_decoder():
 
 def read_beton(path: Path, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, str, np.ndarray]:
     """-> (labels, indices, pixel_sha256, (N, 2) heights/widths) via FFCV's Loader on CPU."""
+    from dataset_tools.ffcv_import import TorchThreadsKept
     from ffcv.fields.basics import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.reader import Reader
@@ -69,10 +71,11 @@ def read_beton(path: Path, batch_size: int = 256) -> tuple[np.ndarray, np.ndarra
     image_col = f"f{reader.field_names.index('image')}"
     sizes = np.stack([reader.metadata[image_col]["height"],
                       reader.metadata[image_col]["width"]], 1).astype(np.int64)
-    loader = Loader(str(path), batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1),
-                    order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={"image": [_flat_decoder()], "label": [IntDecoder()],
-                               "index": [IntDecoder()]})
+    with TorchThreadsKept():
+        loader = Loader(str(path), batch_size=batch_size, num_workers=min(4, os.cpu_count() or 1),
+                        order=OrderOption.SEQUENTIAL, drop_last=False,
+                        pipelines={"image": [_flat_decoder()], "label": [IntDecoder()],
+                                   "index": [IntDecoder()]})
     labels, indices, digest, pos = [], [], mf.PixelDigest(), 0
     for images, lab, idx in loader:
         for flat in images:  # per-sample hashing: images differ in size

@@ -33,6 +33,8 @@ from trainer.distributed import gather_by_index, is_main, sync_buffers
 from trainer.distributed import rank as process_rank
 from trainer.distributed import setup as setup_distributed
 from trainer.evaluation.calibration import CalibrationMeter, calibration_metrics
+from trainer.evaluation.temperature import crossfit_ece, fit_temperature
+from trainer.models.temperature_fold import fold_temperature
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap, weights_hash
 from trainer.distill.teacher_cache import open_teacher_cache
 from trainer.distill.loss import DistillLoss
@@ -87,6 +89,7 @@ class RoleSettings:
     loss: LossConfig
     targets: str  # none | cached | online
     mixing: bool
+    calibrate: bool = False  # distill.calibrate_student: fold a val-fitted temperature at the end
 
 
 def role_settings(cfg: Config, role: str) -> RoleSettings:
@@ -102,7 +105,8 @@ def role_settings(cfg: Config, role: str) -> RoleSettings:
     if cfg.distill.targets == "none":
         loss = replace(loss, kd=0.0, rkd=0.0, crd=0.0)
     return RoleSettings(cfg.model.student, cfg.model.student_low_res_stem, cfg.student_dir,
-                        cfg.optim.epochs, loss, cfg.distill.targets, cfg.mix.enabled)
+                        cfg.optim.epochs, loss, cfg.distill.targets, cfg.mix.enabled,
+                        cfg.distill.calibrate_student)
 
 
 TARGET_MODES = ("cached", "online", "none")
@@ -127,6 +131,7 @@ class Trainer:
     def __init__(self, cfg: Config, role: str):
         self.created_at, self.first_step_seconds = time.perf_counter(), None  # time to first step
         self._logged: set = set()
+        self.student_temperature = None  # folded into the classifier (distill.calibrate_student)
         self.role_cfg = rc = role_settings(cfg, role)
         check_resume(cfg, rc.out_dir, role)  # a changed recipe fails now, before any work
         self.cfg, self.role = cfg, role
@@ -318,6 +323,28 @@ class Trainer:
             return {}
         return evaluate_model(unwrap(self.model), self.val_loader, self._autocast)
 
+    @torch.no_grad()
+    def calibrate_student(self, raw_val: dict) -> tuple[dict, dict]:
+        """``distill.calibrate_student``, after the last epoch: fit the
+        student's temperature on the validation logits (NLL, as ``calibrate``
+        does for the teacher), fold it into the classifier
+        (:func:`~trainer.models.temperature_fold.fold_temperature`), and return
+        the validation metrics of the calibrated student (the raw ones as
+        ``raw_*``; ``ece_crossfit``: the ECE a temperature fitted on half the
+        split gives on the other half, which the sweep compares) and
+        ``{"student_temperature": T}``. Every rank fits the same T from the
+        gathered logits, so the replicas stay identical."""
+        model = unwrap(self.model)
+        logits, labels = _sample_logits(model, self.val_loader, self._autocast)
+        logits, labels = logits.float().cpu(), labels.cpu()
+        t = fit_temperature(logits, labels).temperature
+        fold_temperature(model, t, self.num_classes)
+        self.student_temperature = t
+        val = {**{f"raw_{k}": v for k, v in raw_val.items()}, **calibration_metrics(logits / t, labels),
+               "ece_crossfit": crossfit_ece(logits, labels)}
+        val["eval_images_per_sec"] = raw_val.get("eval_images_per_sec", float("nan"))
+        return val, {"student_temperature": t}
+
     # ------------------------------------------------------------ checkpoints
     def state(self) -> dict:
         model = unwrap(self.model)
@@ -328,6 +355,7 @@ class Trainer:
                 "criterion": self.criterion.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "student_temperature": self.student_temperature,
                 "global_step": self.global_step, "torch_rng": torch.get_rng_state(),
                 "data_fingerprint": self.train_loader.store.fingerprint,
                 "student_resolution": self.train_loader.cfg.student_resolution,
@@ -355,6 +383,7 @@ class Trainer:
         self.scheduler.load_state_dict(ck["scheduler"])
         self.scaler.load_state_dict(ck["scaler"])
         self.epoch, self.step_in_epoch = ck["epoch"], ck["step_in_epoch"]
+        self.student_temperature = ck.get("student_temperature")
         self.global_step = ck["global_step"]
         torch.set_rng_state(ck["torch_rng"])
         if self.step_in_epoch >= self.steps_per_epoch:
@@ -394,12 +423,14 @@ class Trainer:
             stopped = bool(self.cfg.run.max_steps and self.global_step >= self.cfg.run.max_steps)
             if self.step_in_epoch >= self.steps_per_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            val = {}
+            val, calibration = {}, {}
             if self._validate_now(stopped):
                 with record_function("validation"):
                     sync_buffers(unwrap(self.model))  # torchrun: every rank evaluates rank 0's model
                     val = self.val_loop()
-            last = {"epoch": self.epoch, "step": self.global_step, **train,
+                    if self.role_cfg.calibrate and not stopped and self.epoch >= self.epochs:
+                        val, calibration = self.calibrate_student(val)
+            last = {"epoch": self.epoch, "step": self.global_step, **train, **calibration,
                     **{f"val_{k}": v for k, v in val.items()}, "epoch_seconds": time.perf_counter() - t0}
             if self.first_step_seconds is not None and "first_step_seconds" not in self._logged:
                 last["first_step_seconds"] = self.first_step_seconds

@@ -31,7 +31,7 @@ from trainer.data import cache_key, loader_config, teacher_cache_format
 from trainer.distill.teacher_cache import fill_teacher_cache, open_teacher_cache, plan_fill, stores_features
 from trainer.engine import Trainer, amp_dtype, collect_logits, load_teacher, setup_distributed
 from trainer.evaluation.calibration import calibration_metrics, reliability_diagram
-from trainer.evaluation.temperature import fit_temperature
+from trainer.evaluation.temperature import crossfit_ece, fit_temperature
 from trainer.models import create_model
 from trainer.recipe import Config
 
@@ -78,16 +78,11 @@ def run_calibrate(cfg: Config) -> dict:
         teacher, whash = load_teacher(cfg, loader.store.num_classes, device)
         logits, labels = collect_logits(teacher, loader, _autocast_for(cfg, device))
     full = fit_temperature(logits, labels)
-    even, odd = torch.arange(0, len(labels), 2), torch.arange(1, len(labels), 2)
-    cross = []
-    for fit_idx, test_idx in ((even, odd), (odd, even)):
-        t = fit_temperature(logits[fit_idx], labels[fit_idx]).temperature
-        cross.append(calibration_metrics(logits[test_idx] / t, labels[test_idx])["ece"])
     before = calibration_metrics(logits, labels)
     result = {"temperature": full.temperature, "teacher_weights_hash": whash,
               "nll_before": full.nll_before, "nll_after": full.nll_after,
               "ece_before": before["ece"], "ece_after_fitted": full.ece_after,
-              "ece_after_crossfit": sum(cross) / 2, "accuracy": before["top1"],
+              "ece_after_crossfit": crossfit_ece(logits, labels), "accuracy": before["top1"],
               "num_samples": len(labels), "store": cfg.data.val_store, "split": "val"}
     if distributed.is_main():
         cfg.teacher_dir.mkdir(parents=True, exist_ok=True)
@@ -191,9 +186,24 @@ def _load_evaluable(cfg: Config, checkpoint: str, store_classes: int) -> tuple[P
     return path, ck, model
 
 
+def _posthoc_scaling(cfg: Config, model, resolution: int, device, test_logits, test_labels) -> dict:
+    """What temperature scaling fitted on the validation split would give on
+    the test split (``posthoc_*``): the reference point for any checkpoint,
+    calibrated (``distill.calibrate_student``: T ~ 1) or not. Empty when the
+    config has no validation store."""
+    if not Path(cfg.data.val_store).is_dir():
+        return {}
+    with _eval_loader(cfg, "val", resolution, device) as loader:
+        val_logits, val_labels = collect_logits(model, loader, _autocast_for(cfg, device))
+    t = fit_temperature(val_logits, val_labels).temperature
+    scaled = calibration_metrics(test_logits / t, test_labels)
+    return {"posthoc_temperature": t, **{f"posthoc_{k}": scaled[k] for k in ("ece", "nll", "brier")}}
+
+
 def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
     """Accuracy and the calibration family of a checkpoint on the test split
-    (``data.test_store``), plus its reliability diagram. Under torchrun the
+    (``data.test_store``), plus its reliability diagram and what a temperature
+    fitted on the validation split would change (``posthoc_*``). Under torchrun the
     ranks share the forward passes and gather the logits; rank 0 writes."""
     device = setup_distributed(cfg)
     path, ck, model = _load_evaluable(cfg, checkpoint, open_store(cfg.data.test_store).num_classes)
@@ -205,8 +215,10 @@ def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
         logits, labels = collect_logits(model, loader, _autocast_for(cfg, device))
         metrics = calibration_metrics(logits, labels)
         metrics["eval_images_per_sec"] = len(labels) / max(time.perf_counter() - t0, 1e-9)
+    metrics.update(_posthoc_scaling(cfg, model, ck["student_resolution"], device, logits, labels))
     png = path.with_name(path.stem + "_reliability.png")
     result = {"checkpoint": str(path), "arch": ck["arch"], "resolution": ck["student_resolution"],
+              "student_temperature": ck.get("student_temperature"),
               "store": cfg.data.test_store, "split": "test", **metrics, "reliability_diagram": str(png),
               "logits_file": str(path.with_name(path.stem + "_test_logits.pt"))}
     if distributed.is_main():

@@ -146,6 +146,9 @@ class DistillSection:
     cache_features: str = setting("auto", "teacher embeddings for RKD/CRD: auto (dense: stored; topk: "
                                   "only if loss.rkd/crd > 0) | always | never",
                                   choices=("auto", "always", "never"))
+    calibrate_student: bool = setting(False, "after training, fit the student's temperature on the "
+                                      "validation split and fold it into its classifier (a calibrated "
+                                      "student at no inference cost)")
     teacher_checkpoint: str = setting("", "the teacher (default: runs/<name>/teacher/final.pt)")
 
     def __post_init__(self):

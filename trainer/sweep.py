@@ -17,7 +17,10 @@ there but no sign to bisect on). So, for each
 adjacent grid temperatures, up to R more students are trained by bisection
 (at the geometric mean of the bracketing temperatures, the bracket then
 narrowed to the half where the sign changes). Every refined run is scored
-like a grid run and competes under the same rule.
+like a grid run and competes under the same rule. With
+``distill.calibrate_student`` every run's temperature is fitted on the
+validation split after training, so there is nothing to bisect: the grid
+alone runs, and each run competes with its cross-fitted validation ECE.
 
 Choice rule: among the runs whose validation top-1 is within the tolerance
 of the best run's, the lowest validation ECE (ties:
@@ -151,9 +154,16 @@ def recipe_fingerprint(cfg: Config, teacher_hash: str) -> str:
 
 
 def _last_val(run_dir: Path) -> dict:
+    """The last epoch's validation metrics. A calibrated student
+    (``distill.calibrate_student``) competes with its cross-fitted ECE: the
+    temperature was fitted on the same split, so its own ECE there is optimistic."""
     rec = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if x.strip()][-1]
-    return {k: float(rec.get(k, float("nan"))) for k in ("val_top1", "val_ece", "val_nll", "val_confidence",
-                                                          "val_n")}
+    out = {k: float(rec.get(k, float("nan"))) for k in ("val_top1", "val_ece", "val_nll", "val_confidence",
+                                                         "val_n")}
+    if "val_ece_crossfit" in rec:
+        out.update(val_ece=float(rec["val_ece_crossfit"]), val_ece_fitted=float(rec["val_ece"]),
+                   student_temperature=float(rec["student_temperature"]))
+    return out
 
 
 def run_sweep(cfg: Config) -> dict:
@@ -197,7 +207,9 @@ def run_sweep(cfg: Config) -> dict:
 
     for i, point in enumerate(points, 1):
         runs.append(train(point, f"{i}/{len(points)}"))
-    for obj in cfg.sweep.objectives:  # bisection where the over-confidence changes sign
+    # bisection where the over-confidence changes sign (a student calibrated after
+    # training has none left to bisect on)
+    for obj in (() if cfg.distill.calibrate_student else cfg.sweep.objectives):
         for cal in cfg.sweep.calibrated:
             for k in range(cfg.sweep.refine):
                 point = next_refinement(runs, obj, cal)

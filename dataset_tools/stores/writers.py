@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import ClassVar, Optional
 
 import numpy as np
+import dataset_tools.ffcv_import  # noqa: F401 (FFCV without its torch-threads side effect)
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.memory_allocator import MemoryAllocator

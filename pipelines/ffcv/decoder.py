@@ -28,6 +28,7 @@ import numba
 import numpy as np
 import torch
 
+import dataset_tools.ffcv_import  # noqa: F401 (FFCV without its torch-threads side effect)
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.state import State

@@ -80,9 +80,9 @@ import numpy as np
 import psutil
 import torch
 
+from dataset_tools.ffcv_import import TorchThreadsKept, set_decode_threads
 from ffcv.fields import IntField, RGBImageField
 from ffcv.loader import Loader
-from ffcv.pipeline.compiler import Compiler
 from ffcv.traversal_order.base import TraversalOrder
 from ffcv.traversal_order.quasi_random import QuasiRandom
 from ffcv.transforms import ToDevice, ToTensor
@@ -251,10 +251,11 @@ class FFCVLoader(BaseLoader):
         pipelines = {"image": image_ops, "label": None, "index": None}
         workers = max(1, min(int(cfg.num_workers), numba.config.NUMBA_NUM_THREADS))
         try:
-            loader = Loader(str(self.path), batch_size=cfg.batch_size, num_workers=workers,
-                            os_cache=os_cache, order=order, seed=cfg.seed,
-                            pipelines=pipelines, drop_last=cfg.drop_last,
-                            batches_ahead=batches_ahead)
+            with TorchThreadsKept():  # FFCV's Loader sets torch's threads to its worker count
+                loader = Loader(str(self.path), batch_size=cfg.batch_size, num_workers=workers,
+                                os_cache=os_cache, order=order, seed=cfg.seed,
+                                pipelines=pipelines, drop_last=cfg.drop_last,
+                                batches_ahead=batches_ahead)
         except (AssertionError, ValueError, TypeError, IndexError, OSError) as e:
             raise StoreError(f"{self.path}: not a readable FFCV file ({e!r}); re-run "
                              f"dataset_tools/convert.py for {self.store.root}") from e
@@ -284,7 +285,7 @@ class FFCVLoader(BaseLoader):
         if producer is None or producer.next_epoch != epoch:  # not decoded ahead
             self._lease.stop()
             step = (0 if epoch == self._last_epoch else 1) if self._next_epoch_ahead else None
-            Compiler.set_num_threads(loader.num_workers)
+            set_decode_threads(loader.num_workers)
             producer = self._lease.active = EpochProducer(loader, self._epoch_cell, epoch, step)
         self._last_epoch = epoch
         meta = loader.reader.metadata

@@ -29,9 +29,9 @@ import numba
 import numpy as np
 import torch
 
+from dataset_tools.ffcv_import import set_decode_threads
 from ffcv.loader import Loader
 from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
-from ffcv.pipeline.compiler import Compiler
 
 from pipelines.ffcv.decoder import EpochCell
 
@@ -74,7 +74,7 @@ class EpochProducer(EpochIterator):
         # thread's or the training thread's Python preempted (measurements:
         # docs/design/loaders.md).
         numba.set_parallel_chunksize(max(1, loader.batch_size // (8 * loader.num_workers)))
-        Compiler.set_num_threads(loader.num_workers)
+        set_decode_threads(loader.num_workers)
         try:
             epoch, slot, events = self.first_epoch, 0, [None] * self.slots
             while True:

@@ -14,6 +14,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+import dataset_tools.ffcv_import  # noqa: F401 (FFCV without its torch-threads side effect)
 import ffcv._libffcv
 import llvmlite.binding as llvm_binding
 

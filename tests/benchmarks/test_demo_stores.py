@@ -50,6 +50,9 @@ def test_verified_store_is_reused_damaged_one_reconverted(tiny_src, tmp_path, co
     assert again["reused"] and len(convert_calls) == 1
     assert snapshot(out) == before
     assert "converting again" not in capsys.readouterr().out
+    # the same source named by a relative path (the manifest records it resolved)
+    relative = os.path.relpath(tiny_src)
+    assert ensure_store(type(tiny_src)(relative), out, "train", 16, 1)["reused"] and len(convert_calls) == 1
 
     beton = out / "train.beton"  # damage the full-res FFCV file (same size, flipped bytes)
     data = bytearray(beton.read_bytes())

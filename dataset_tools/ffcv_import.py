@@ -1,0 +1,42 @@
+"""FFCV without its side effect on torch's threads.
+
+``ffcv.pipeline.compiler`` calls ``torch.set_num_threads(1)`` when it is
+imported, and ``Compiler.set_num_threads(n)`` (run by every FFCV ``Loader``
+and epoch thread) sets torch's intra-op threads to the loader's worker count.
+In a training process that silently runs the model on one core: any process
+that converted a store or built an FFCV loader trained at half speed on two
+cores. Every project module that uses FFCV imports this module first; it
+imports FFCV once and puts torch's thread count back, and
+:func:`set_decode_threads` sets FFCV's (numba's) threads without touching
+torch's. ``tests/dataset_tools/test_ffcv_import.py`` checks that importing
+every project module and building an FFCV loader leave torch's threads alone.
+"""
+from __future__ import annotations
+
+import numba
+import torch
+
+_threads = torch.get_num_threads()
+from ffcv.pipeline.compiler import Compiler  # noqa: E402 (the import whose side effect is undone)
+
+torch.set_num_threads(_threads)
+
+
+def set_decode_threads(n: int) -> None:
+    """What ``Compiler.set_num_threads(n)`` does, less its ``torch.set_num_threads(n)``."""
+    n = max(1, int(n))
+    Compiler.num_threads = n
+    numba.set_num_threads(n)
+
+
+class TorchThreadsKept:
+    """``with TorchThreadsKept(): Loader(...)``: torch's thread count is what
+    it was before the block (FFCV's ``Loader`` sets it to its worker count)."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        return self
+
+    def __exit__(self, *exc):
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
