@@ -194,7 +194,7 @@ def cache_is_current(cfg: Config) -> bool:
     from trainer.data import cache_key, teacher_cache_path
     from trainer.distill.logit_cache import CacheError, CacheTooLargeError, remove_cache
     from trainer.distill.teacher_cache import open_teacher_cache
-    from trainer.engine import amp_dtype
+    from trainer.run_settings import amp_dtype
 
     store = open_store(cfg.data.train_store)
     path = teacher_cache_path(cfg, store)

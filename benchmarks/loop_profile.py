@@ -27,7 +27,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 PHASES = ("data", "mix", "targets", "forward_loss", "backward", "optimizer", "stats", "logging")

@@ -65,7 +65,7 @@ def measure(cfg, batches: int, temperatures, grid: int) -> dict:
     from pipelines.loader import create_loader
     from pipelines.mixing import Mixer, MixConfig, box_edges, box_mask
     from trainer.data import loader_config
-    from trainer.engine import load_teacher
+    from trainer.teacher import load_teacher
 
     device = torch.device("cpu")
     online_cfg = replace(cfg, distill=replace(cfg.distill, targets="online"))

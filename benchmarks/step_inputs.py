@@ -125,7 +125,8 @@ def write_synthetic_teacher_and_cache(s: StepSettings, cfg) -> None:
     from trainer.checkpoint import save_checkpoint, weights_hash
     from trainer.data import cache_key
     from trainer.distill.logit_cache import fill_cache
-    from trainer.engine import amp_dtype, setup_distributed
+    from trainer.distributed import setup as setup_distributed
+    from trainer.run_settings import amp_dtype
     from trainer.models import create_model
 
     torch.manual_seed(s.seed)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.profiler import record_function
@@ -29,102 +26,23 @@ from dataset_tools.progress import log_line, progress
 from pipelines.loader import create_loader
 from pipelines.mixing import Mixer
 from trainer.data import cache_key, loader_config, teacher_cache_path
-from trainer.distributed import gather_by_index, is_main, sync_buffers
+from trainer.distributed import is_main, sync_buffers
 from trainer.distributed import rank as process_rank
 from trainer.distributed import setup as setup_distributed
-from trainer.evaluation.calibration import CalibrationMeter, calibration_metrics
+from trainer.evaluation.calibration import calibration_metrics
+from trainer.evaluation.logits import evaluate_model, sample_logits
 from trainer.evaluation.temperature import crossfit_ece, fit_temperature
 from trainer.models.temperature_fold import fold_temperature
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap, weights_hash
 from trainer.distill.teacher_cache import open_teacher_cache
 from trainer.distill.loss import DistillLoss
-from trainer.distill.loss_config import LossConfig
 from trainer.distill.targets import CachedTargets, NoTargets, OnlineTargets
 from trainer.models import create_model
 from trainer.recipe import Config
 from trainer.run_record import check_resume, write_resolved_config
+from trainer.run_settings import (RoleSettings, amp_dtype, calibrated_temperature, ddp_wrap, role_settings,
+                                  seed_everything)
 from trainer.teacher import init_from_weights, load_teacher, teacher_hash
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=False)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
-    mode = cfg.run.amp
-    if mode == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
-
-
-def calibrated_temperature(cfg: Config, teacher_hash: str) -> float:
-    """The teacher temperature fitted on the validation split by ``calibrate``
-    (``temperature.json``), checked to belong to this teacher and split."""
-    path = cfg.temperature_file
-    if not path.is_file():
-        raise ValueError(f"{path}: no fitted temperature; run 'python -m trainer calibrate "
-                         f"--config ...' first (it fits T on data.val_store)")
-    rec = json.loads(path.read_text())
-    if rec.get("teacher_weights_hash") != teacher_hash:
-        raise ValueError(f"{path}: fitted for another teacher; re-run 'python -m trainer calibrate'")
-    if rec.get("store") != cfg.data.val_store or rec.get("split") != "val":
-        raise ValueError(f"{path}: fitted on {rec.get('store')!r}, not the validation split "
-                         f"{cfg.data.val_store!r}; re-run 'python -m trainer calibrate'")
-    return float(rec["temperature"])
-
-
-@dataclass(frozen=True)
-class RoleSettings:
-    """What differs between training the teacher and a student, resolved once."""
-
-    arch: str
-    low_res_stem: bool
-    out_dir: Path
-    epochs: int
-    loss: LossConfig
-    targets: str  # none | cached | online
-    mixing: bool
-    calibrate: bool = False  # distill.calibrate_student: fold a val-fitted temperature at the end
-
-
-def role_settings(cfg: Config, role: str) -> RoleSettings:
-    if role not in ("teacher", "student"):
-        raise ValueError(f"role must be teacher or student, got {role!r}")
-    if role == "teacher":  # plain CE at full resolution: the usual overconfident teacher
-        return RoleSettings(cfg.model.teacher, cfg.model.teacher_low_res_stem, cfg.teacher_dir,
-                            cfg.optim.teacher_epochs or cfg.optim.epochs,
-                            replace(cfg.loss, ce=1.0, kd=0.0, rkd=0.0, crd=0.0), "none", False)
-    if cfg.distill.targets not in TARGET_MODES:
-        raise ValueError(f"distill.targets must be one of {TARGET_MODES}, got {cfg.distill.targets!r}")
-    loss = cfg.loss
-    if cfg.distill.targets == "none":
-        loss = replace(loss, kd=0.0, rkd=0.0, crd=0.0)
-    return RoleSettings(cfg.model.student, cfg.model.student_low_res_stem, cfg.student_dir,
-                        cfg.optim.epochs, loss, cfg.distill.targets, cfg.mix.enabled,
-                        cfg.distill.calibrate_student)
-
-
-TARGET_MODES = ("cached", "online", "none")
-
-
-def ddp_wrap(model: torch.nn.Module, criterion: torch.nn.Module, device: torch.device):
-    """``(DDP(model), loss module)`` for a torchrun run: gradients of every
-    trainable module are all-reduced. The criterion is wrapped too when it has
-    trainable parameters (CRD's projection heads), with ``forward_sync_buffers=False``:
-    its buffers (CRD memory banks) are broadcast from rank 0 once, at wrapping,
-    and then kept identical by the loss itself (:mod:`trainer.distill.crd`);
-    they are far too big to broadcast every step.
-    Checkpoints keep the plain modules' keys (``unwrap``)."""
-    ids = [device.index] if device.type == "cuda" else None
-    ddp = torch.nn.parallel.DistributedDataParallel
-    loss_fn = ddp(criterion, device_ids=ids, forward_sync_buffers=False) \
-        if any(p.requires_grad for p in criterion.parameters()) else criterion
-    return ddp(model, device_ids=ids), loss_fn
 
 
 class Trainer:
@@ -148,7 +66,7 @@ class Trainer:
         if role == "teacher" and cfg.model.teacher_weights:  # fine-tune an imported teacher
             init = init_from_weights(model, cfg, self.num_classes)
             if is_main():
-                print(f"teacher: starting from {init.path} ({init.source}; head {init.head})", file=sys.stderr)
+                log_line(f"teacher: starting from {init.path} ({init.source}; head {init.head})")
         self.model = model.to(self.device, memory_format=self._memory_format())
         self.amp = amp_dtype(cfg, self.device)
         self.temperature = None if rc.loss.temperature == "auto" else float(rc.loss.temperature)
@@ -335,7 +253,7 @@ class Trainer:
         ``{"student_temperature": T}``. Every rank fits the same T from the
         gathered logits, so the replicas stay identical."""
         model = unwrap(self.model)
-        logits, labels = _sample_logits(model, self.val_loader, self._autocast)
+        logits, labels = sample_logits(model, self.val_loader, self._autocast)
         logits, labels = logits.float().cpu(), labels.cpu()
         t = fit_temperature(logits, labels).temperature
         fold_temperature(model, t, self.num_classes)
@@ -452,54 +370,3 @@ class Trainer:
                 loader.close()
         if self.tb is not None:
             self.tb.close()
-
-
-@torch.no_grad()
-def _sample_logits(model, loader, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels of every sample of the loader's store, in sample
-    order, on the device; a sharded loader's ranks each compute their shard
-    and gather (:func:`trainer.distributed.gather_by_index`)."""
-    model.eval()
-    logits, labels, indices = [], [], []
-    for batch in loader:
-        with autocast():
-            out = model(batch.student)
-        logits.append(out.float())
-        labels.append(batch.labels)
-        indices.append(batch.indices)
-    logits, labels = torch.cat(logits), torch.cat(labels)
-    if loader.world_size > 1:
-        logits, labels = gather_by_index(torch.cat(indices), [logits, labels], loader.store.num_samples)
-    return logits, labels
-
-
-@torch.no_grad()
-def collect_logits(model, loader, autocast) -> tuple[torch.Tensor, torch.Tensor]:
-    """All logits and labels of a loader (eval mode), on the CPU; with a
-    sharded loader (torchrun) every sample's, gathered on every rank."""
-    logits, labels = _sample_logits(model, loader, autocast)
-    return logits.cpu(), labels.cpu()
-
-
-@torch.no_grad()
-def evaluate_model(model, loader, autocast) -> dict:
-    """Calibration metrics of ``model`` on every sample of ``loader``. Pass the
-    plain module (not DDP). A sharded loader (torchrun): every rank computes
-    the metrics of all samples from the gathered logits."""
-    model.eval()
-    if loader.world_size > 1:
-        t0 = time.perf_counter()
-        logits, labels = _sample_logits(model, loader, autocast)
-        metrics = calibration_metrics(logits, labels)
-        metrics["eval_images_per_sec"] = len(labels) / max(time.perf_counter() - t0, 1e-9)
-        return metrics
-    meter = CalibrationMeter()
-    t0, n = time.perf_counter(), 0
-    for batch in loader:
-        with autocast():
-            out = model(batch.student)
-        meter.update(out.float(), batch.labels)
-        n += len(batch)
-    metrics = meter.compute()
-    metrics["eval_images_per_sec"] = n / max(time.perf_counter() - t0, 1e-9)
-    return metrics

@@ -29,7 +29,11 @@ from trainer import distributed
 from trainer.checkpoint import load_checkpoint
 from trainer.data import cache_key, loader_config, teacher_cache_format
 from trainer.distill.teacher_cache import fill_teacher_cache, open_teacher_cache, plan_fill, stores_features
-from trainer.engine import Trainer, amp_dtype, collect_logits, load_teacher, setup_distributed
+from trainer.distributed import setup as setup_distributed
+from trainer.engine import Trainer
+from trainer.evaluation.logits import collect_logits
+from trainer.run_settings import amp_dtype
+from trainer.teacher import load_teacher
 from trainer.evaluation.calibration import calibration_metrics, reliability_diagram
 from trainer.evaluation.temperature import crossfit_ece, fit_temperature
 from trainer.models import create_model
@@ -44,7 +48,7 @@ def _autocast_for(cfg: Config, device):
 def _eval_loader(cfg: Config, split: str, resolution: int, device, sharded: bool = True):
     """Whole images of the ``val`` or ``test`` split at ``resolution``, every
     sample once: across the ranks under torchrun (``sharded``; gather with
-    :func:`~trainer.engine.collect_logits`), else all of them on this rank."""
+    :func:`~trainer.evaluation.logits.collect_logits`), else all of them on this rank."""
     lc = loader_config(cfg, split, device, resolution=resolution)
     return create_loader(lc) if sharded else create_loader(lc, rank=0, world_size=1)
 

@@ -66,7 +66,7 @@ def test_calibrated_student_differs_only_by_the_folded_temperature(teacher_run, 
     # the temperature is the NLL fit on the raw student's validation logits
     model = create_model("resnet8", 10)
     model.load_state_dict(a["model"])
-    from trainer.engine import collect_logits
+    from trainer.evaluation.logits import collect_logits
 
     with jobs._eval_loader(base, "val", 16, torch.device("cpu")) as loader:
         logits, labels = collect_logits(model, loader, jobs._autocast_for(base, torch.device("cpu")))

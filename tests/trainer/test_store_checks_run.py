@@ -10,7 +10,8 @@ import torch
 
 from dataset_tools.stores.layout import StoreError
 from trainer import jobs
-from trainer.engine import Trainer, collect_logits
+from trainer.engine import Trainer
+from trainer.evaluation.logits import collect_logits
 from trainer_helpers import make_cfg
 
 pytestmark = pytest.mark.filterwarnings(

@@ -270,7 +270,8 @@ def test_cli_shows_the_head_error_in_one_line(cfg_for, tmp_path, capsys, monkeyp
 def test_imported_teacher_hash_keys_calibration_cache_and_distill(cfg_for, tmp_path):
     from trainer import jobs
     from trainer.distill.logit_cache import CacheError
-    from trainer.engine import Trainer, calibrated_temperature
+    from trainer.engine import Trainer
+    from trainer.run_settings import calibrated_temperature
     from trainer.teacher import load_teacher, teacher_hash
 
     net = library_model(TIMM)
