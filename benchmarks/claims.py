@@ -12,7 +12,13 @@ The second claim is about smoothing the *teacher's* distribution, so grid 2
 has both objectives (``hinton``: student and teacher at T, times T^2;
 ``teacher_smoothing``: the student at T = 1 against the teacher at T) and
 the calibrated teacher (its logits divided by the temperature fitted on the
-validation split, then smoothed at T).
+validation split, then smoothed at T), next to calibrated students (their
+own temperature fitted on the validation split and folded into the
+classifier, ``distill.calibrate_student``) and the recommended recipe (the
+sweep's choice on the validation split, calibrated). The ``targets`` grid
+compares cached targets (probabilities or logits mixed like the batch) with
+the online teacher under CutMix and mixup: the downstream gap of the cache's
+approximation.
 
 Runs on the demo's teacher and cache (same recipe, reused), each student
 configuration for each seed (``run.seed`` varies init and mixing; the view
@@ -30,6 +36,7 @@ import time
 from dataclasses import replace
 
 from benchmarks.demo import REPO, prepare, train_student
+from dataset_tools.atomic import write_json_atomic, write_text_atomic
 from trainer.yaml_config import load_config
 from trainer.recipe import Config
 
@@ -55,17 +62,26 @@ def _kd(t: float, objective: str = "hinton", calibrated: bool = False) -> dict:
 CLAIM2 = {
     "supervised_lowres": dict(distill=dict(targets="none"), loss=dict(ce=1.0, kd=0.0)),
     **{f"kd_T{t}": _kd(t) for t in (1, 2, 4, 8)},
-    **{f"smooth_T{t}": _kd(t, "teacher_smoothing") for t in (1, 2, 4, 8)},
+    **{f"smooth_T{t}": _kd(t, "teacher_smoothing") for t in (1, 1.5, 2, 4, 8)},
     **{f"kd_cal_T{t}": _kd(t, "hinton", True) for t in (1, 4)},
     **{f"smooth_cal_T{t}": _kd(t, "teacher_smoothing", True) for t in (1, 2, 4)},
+    # the student's own temperature fitted on val and folded in (distill.calibrate_student)
+    "kd_T4_calibrated_student": {**_kd(4), "distill": dict(calibrated_teacher=False, calibrate_student=True)},
+    "supervised_calibrated_student": dict(distill=dict(targets="none", calibrate_student=True),
+                                          loss=dict(ce=1.0, kd=0.0)),
+    "recommended": dict(loss=dict(ce=0.1, kd=0.9, temperature="auto"), distill=dict(calibrate_student=True)),
 }
-# cached targets (mix the cached probabilities: approximate, no teacher in the loop)
-# vs online targets (the teacher runs on the mixed full-resolution view: exact)
+# cached targets (mixed like the batch: approximate, no teacher in the loop) vs
+# online targets (the teacher runs on the mixed full-resolution view: exact)
 TARGETS = {
     "kd_cutmix_cached": {**KD, "mix": dict(p_cutmix=1.0)},
+    "kd_cutmix_cached_logits": {**KD, "mix": dict(p_cutmix=1.0), "distill": dict(cached_mix="logits")},
     "kd_cutmix_online": {**KD, "mix": dict(p_cutmix=1.0), "distill": dict(targets="online")},
+    "kd_mixup_cached": {**KD, "mix": dict(p_mixup=1.0)},
+    "kd_mixup_cached_logits": {**KD, "mix": dict(p_mixup=1.0), "distill": dict(cached_mix="logits")},
+    "kd_mixup_online": {**KD, "mix": dict(p_mixup=1.0), "distill": dict(targets="online")},
 }
-METRICS = ("top1", "ece", "nll", "brier", "train_images_per_sec")
+METRICS = ("top1", "ece", "nll", "brier", "train_images_per_sec", "ece_floor", "posthoc_ece")
 
 
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
@@ -73,7 +89,9 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
     for name, evs in runs.items():
         row = {"seeds": len(evs)}
         for m in METRICS:
-            vals = [e[m] for e in evs]
+            vals = [e[m] for e in evs if m in e]
+            if not vals:
+                continue
             row[m] = statistics.fmean(vals)
             row[m + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         out[name] = row
@@ -84,11 +102,14 @@ def markdown(summary: dict, teacher: dict, calib: dict, title: str) -> str:
     lines = [f"### {title}", "",
              f"Teacher: top-1 {teacher['top1']:.3f}, ECE {teacher['ece']:.3f} (T=1); "
              f"calibrated T={calib['temperature']:.2f} gives ECE {calib['ece_after_crossfit']:.3f}.", "",
-             "| student | seeds | top-1 | ECE | NLL | Brier | train img/s |", "|---|---|---|---|---|---|---|"]
+             "| student | seeds | top-1 | ECE | ECE floor | ECE if val-TS | NLL | Brier | train img/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for name, r in summary.items():
         def f(m, d=3):
             return f"{r[m]:.{d}f} ± {r[m + '_std']:.{d}f}" if r["seeds"] > 1 else f"{r[m]:.{d}f}"
-        lines.append(f"| {name} | {r['seeds']} | {f('top1')} | {f('ece')} | {f('nll')} | {f('brier')} | "
+        lines.append(f"| {name} | {r['seeds']} | {f('top1')} | {f('ece')} | {r.get('ece_floor', nan):.3f} | "
+                     f"{r.get('posthoc_ece', nan):.3f} | {f('nll')} | {f('brier')} | "
                      f"{r['train_images_per_sec']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -135,8 +156,8 @@ def main(argv=None) -> int:
     out = {"config": args.config, "overrides": args.overrides, "seeds": seeds, "teacher": teacher,
            "calibration": calib, "claims": everything, "seconds": time.perf_counter() - t0}
     root = cfg.run.root
-    (root / f"{args.out_name}.json").write_text(json.dumps(out, indent=2, default=str))
-    (root / f"{args.out_name}.md").write_text("\n".join(report))
+    write_json_atomic(root / f"{args.out_name}.json", json.loads(json.dumps(out, default=str)))
+    write_text_atomic(root / f"{args.out_name}.md", "\n".join(report))
     print("\n".join(report))
     print(f"written: {root / args.out_name}.json and .md")
     return 0

@@ -234,7 +234,7 @@ def median_train_rate(run_dir: Path) -> float:
 
 
 METRICS = ("top1", "ece", "nll", "brier", "train_images_per_sec", "eval_images_per_sec",
-           "posthoc_ece", "posthoc_nll")
+           "posthoc_ece", "posthoc_nll", "ece_floor")
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -269,7 +269,7 @@ def verdict(results: dict) -> dict:
 
 def run(cfg: Config, args) -> dict:
     from benchmarks.common import machine_info
-    from benchmarks.report import write_report
+    from benchmarks.report import print_table, write_report
     from trainer import jobs
     from trainer.sweep import run_sweep
 
@@ -324,49 +324,6 @@ def plain_loop_rates(cfg: Config) -> dict:
                                             channels_last=d.channels_last, device=device)
             for role, arch, res, stem in (("teacher", m.teacher, d.teacher_resolution, m.teacher_low_res_stem),
                                           ("student", m.student, d.student_size, m.student_low_res_stem))}
-
-
-def headline(v: dict) -> str:
-    yes = lambda ok: "yes" if ok else "NO"  # noqa: E731
-    return (f"recommended vs supervised low-res: top-1 {v['top1_gain_over_supervised'] * 100:+.1f} pt "
-            f"(>= +1 pt: {yes(v['top1_at_least_1pt_above_supervised'])}); ECE {v['ece_recommended']:.3f} vs "
-            f"{v['ece_supervised']:.3f} (not above: {yes(v['ece_not_above_supervised'])}); vs plain KD "
-            f"{v['ece_kd']:.3f} (at most half: {yes(v['ece_at_most_half_of_kd'])}); the supervised student "
-            f"temperature-scaled on val would have ECE {v.get('ece_supervised_after_val_ts', float('nan')):.3f}")
-
-
-def print_table(summary: dict) -> None:
-    n = summary["seeds"]
-    rows = [("model", "seeds", "top-1", "ECE", "ECE if val-TS", "NLL", "Brier", "train img/s", "loop eff.",
-             "eval img/s")]
-    for name, r in summary["results"].items():
-        rows.append((name, str(r["seeds"]), f"{r['top1']:.3f} ±{r['top1_std']:.3f}",
-                     f"{r['ece']:.3f} ±{r['ece_std']:.3f}", f"{r.get('posthoc_ece', float('nan')):.3f}",
-                     f"{r['nll']:.3f}", f"{r['brier']:.3f}",
-                     f"{r['train_images_per_sec']:.0f}", f"{r['loop_efficiency']:.2f}",
-                     f"{r['eval_images_per_sec']:.0f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    print(f"\ntest split; students: mean ± std over {n} seed(s); 'ECE if val-TS': after a temperature "
-          f"fitted on the validation split (post hoc, for reference)")
-    for i, r in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-    c, sw = summary["calibration"], summary["sweep"]
-    print(f"\nteacher temperature T={c['temperature']:.2f} fitted on the validation split: ECE "
-          f"{c['ece_before']:.3f} -> {c['ece_after_crossfit']:.3f} (2-fold cross-fitted on val)")
-    ch = sw["choice"]
-    cost = sw["cost"]
-    online = cost.get("online_teacher_seconds_estimate")
-    print(f"sweep ({len(sw['runs'])} students on val): T={ch['temperature']:g}, {ch['objective']}, calibrated "
-          f"teacher {'on' if ch['calibrated'] else 'off'}; cost {cost['seconds']:.0f} s from the cache"
-          + (f" vs ~{online:.0f} s with the online teacher" if online else ""))
-    print("HEADLINE: " + headline(summary["verdict"]))
-    pl = summary["plain_loop_images_per_sec"]
-    print(f"student loader alone: {summary['loader_images_per_sec']:.0f} images/sec; plain PyTorch loop "
-          f"(loop eff. = train img/s / this): teacher {pl['teacher']:.0f}, student {pl['student']:.0f} img/s")
-    print("wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items()))
-    print(f"wall time: {summary['wall_seconds']:.0f} s")
 
 
 def main(argv=None) -> int:

@@ -115,8 +115,6 @@ def _sweep_lines(sw: dict, root: Path) -> list[str]:
 def write_report(root: Path, summary: dict) -> Path:
     """``root/report.md`` and its figures; the sweep's part only when the
     summary has a sweep."""
-    from benchmarks.demo import headline
-
     root = Path(root)
     plot = throughput_plot(summary, root / "throughput.png")
     overlay, undrawn = reliability_overlay(summary, root / "reliability_overlay.png")
@@ -139,12 +137,19 @@ def write_report(root: Path, summary: dict) -> Path:
                   + (f"; with the online teacher the same sweep would take about "
                      f"{cost['online_teacher_seconds_estimate']:.0f} s" if cost.get('online_teacher_seconds_estimate')
                      else "") + ".", ""]
-    lines += ["| model | seeds | top-1 | ECE | NLL | Brier | train img/s | loop efficiency | eval img/s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
+    lines += ["| model | seeds | top-1 | ECE | ECE floor | ECE if val-TS | NLL | Brier | train img/s | "
+              "loop efficiency | eval img/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in summary["results"].items():
         lines.append(f"| {name} | {r.get('seeds', 1)} | {_cell(r, 'top1')} | {_cell(r, 'ece')} | "
-                     f"{r['nll']:.3f} | {r['brier']:.3f} | {r.get('train_images_per_sec', float('nan')):.0f} | "
-                     f"{r.get('loop_efficiency', float('nan')):.2f} | {r['eval_images_per_sec']:.0f} |")
+                     f"{r.get('ece_floor', nan):.3f} | {r.get('posthoc_ece', nan):.3f} | "
+                     f"{r['nll']:.3f} | {r['brier']:.3f} | {r.get('train_images_per_sec', nan):.0f} | "
+                     f"{r.get('loop_efficiency', nan):.2f} | {r['eval_images_per_sec']:.0f} |")
+    lines += ["", "ECE floor: the ECE a perfectly calibrated model with the same confidences shows on this "
+              "many test images (labels drawn from its own confidences): sampling noise alone; ECEs near "
+              "it, and differences below it, say nothing about calibration. ECE if val-TS: after a "
+              "temperature fitted on the validation split (post hoc, for reference; the recommended "
+              "student has its own folded in: `distill.calibrate_student`)."]
     lines += ["", f"Teacher temperature scaling on the validation split: T = {c['temperature']:.2f}, "
               f"ECE {c['ece_before']:.3f} -> {c['ece_after_crossfit']:.3f} (2-fold cross-fitted).", "",
               f"Student loader alone: {summary['loader_images_per_sec']:.0f} images/sec. Loop efficiency = "
@@ -168,3 +173,49 @@ def write_report(root: Path, summary: dict) -> Path:
     report = root / "report.md"
     atomic_write_bytes(report, lambda f: f.write("\n".join(lines).encode()))
     return report
+
+
+def headline(v: dict) -> str:
+    yes = lambda ok: "yes" if ok else "NO"  # noqa: E731
+    return (f"recommended vs supervised low-res: top-1 {v['top1_gain_over_supervised'] * 100:+.1f} pt "
+            f"(>= +1 pt: {yes(v['top1_at_least_1pt_above_supervised'])}); ECE {v['ece_recommended']:.3f} vs "
+            f"{v['ece_supervised']:.3f} (not above: {yes(v['ece_not_above_supervised'])}); vs plain KD "
+            f"{v['ece_kd']:.3f} (at most half: {yes(v['ece_at_most_half_of_kd'])}); the supervised student "
+            f"temperature-scaled on val would have ECE {v.get('ece_supervised_after_val_ts', float('nan')):.3f}")
+
+
+def print_table(summary: dict) -> None:
+    n = summary["seeds"]
+    rows = [("model", "seeds", "top-1", "ECE", "ECE floor", "ECE if val-TS", "NLL", "Brier", "train img/s",
+             "loop eff.", "eval img/s")]
+    nan = float("nan")
+    for name, r in summary["results"].items():
+        rows.append((name, str(r["seeds"]), f"{r['top1']:.3f} ±{r['top1_std']:.3f}",
+                     f"{r['ece']:.3f} ±{r['ece_std']:.3f}", f"{r.get('ece_floor', nan):.3f}",
+                     f"{r.get('posthoc_ece', nan):.3f}",
+                     f"{r['nll']:.3f}", f"{r['brier']:.3f}",
+                     f"{r['train_images_per_sec']:.0f}", f"{r['loop_efficiency']:.2f}",
+                     f"{r['eval_images_per_sec']:.0f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    print(f"\ntest split; students: mean ± std over {n} seed(s); 'ECE floor': the ECE a perfectly "
+          f"calibrated model shows on this many images (sampling noise); 'ECE if val-TS': after a "
+          f"temperature fitted on the validation split (post hoc, for reference)")
+    for i, r in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    c, sw = summary["calibration"], summary["sweep"]
+    print(f"\nteacher temperature T={c['temperature']:.2f} fitted on the validation split: ECE "
+          f"{c['ece_before']:.3f} -> {c['ece_after_crossfit']:.3f} (2-fold cross-fitted on val)")
+    ch = sw["choice"]
+    cost = sw["cost"]
+    online = cost.get("online_teacher_seconds_estimate")
+    print(f"sweep ({len(sw['runs'])} students on val): T={ch['temperature']:g}, {ch['objective']}, calibrated "
+          f"teacher {'on' if ch['calibrated'] else 'off'}; cost {cost['seconds']:.0f} s from the cache"
+          + (f" vs ~{online:.0f} s with the online teacher" if online else ""))
+    print("HEADLINE: " + headline(summary["verdict"]))
+    pl = summary["plain_loop_images_per_sec"]
+    print(f"student loader alone: {summary['loader_images_per_sec']:.0f} images/sec; plain PyTorch loop "
+          f"(loop eff. = train img/s / this): teacher {pl['teacher']:.0f}, student {pl['student']:.0f} img/s")
+    print("wall time per stage: " + ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items()))
+    print(f"wall time: {summary['wall_seconds']:.0f} s")

@@ -34,7 +34,7 @@ from trainer.engine import Trainer
 from trainer.evaluation.logits import collect_logits
 from trainer.run_settings import amp_dtype
 from trainer.teacher import load_teacher
-from trainer.evaluation.calibration import calibration_metrics, reliability_diagram
+from trainer.evaluation.calibration import calibration_metrics, ece_noise_floor, reliability_diagram
 from trainer.evaluation.temperature import crossfit_ece, fit_temperature
 from trainer.models import create_model
 from trainer.recipe import Config
@@ -219,6 +219,7 @@ def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
         logits, labels = collect_logits(model, loader, _autocast_for(cfg, device))
         metrics = calibration_metrics(logits, labels)
         metrics["eval_images_per_sec"] = len(labels) / max(time.perf_counter() - t0, 1e-9)
+    metrics["ece_floor"] = ece_noise_floor(logits)  # what sampling noise alone gives on this split
     metrics.update(_posthoc_scaling(cfg, model, ck["student_resolution"], device, logits, labels))
     png = path.with_name(path.stem + "_reliability.png")
     result = {"checkpoint": str(path), "arch": ck["arch"], "resolution": ck["student_resolution"],

@@ -322,3 +322,24 @@ def test_cuda_matches_cpu():
     gpu = meter.compute()
     for key in cpu:
         assert gpu[key] == pytest.approx(cpu[key], abs=1e-5), key
+
+
+def test_ece_noise_floor_is_the_ece_of_a_perfectly_calibrated_model():
+    """Labels drawn from the model's own softmax make it calibrated by
+    construction; torchmetrics' ECE on such labels, averaged over draws, is
+    the floor (an independent computation: full labels, not top-label hits)."""
+    from torchmetrics.classification import MulticlassCalibrationError
+
+    from trainer.evaluation.calibration import ece_noise_floor
+
+    torch.manual_seed(1)
+    logits = torch.randn(2000, 10) * 2.0
+    probs = logits.softmax(1)
+    metric = MulticlassCalibrationError(num_classes=10, n_bins=15, norm="l1")
+    gen = torch.Generator().manual_seed(2)
+    oracle = sum(float(metric(probs, torch.multinomial(probs, 1, generator=gen).squeeze(1)))
+                 for _ in range(100)) / 100
+    floor = ece_noise_floor(logits, draws=200)
+    assert floor == pytest.approx(oracle, rel=0.1)
+    assert ece_noise_floor(logits[:400]) > 1.5 * floor  # fewer samples, a higher floor
+    assert ece_noise_floor(logits, seed=3) == pytest.approx(floor, rel=0.05)

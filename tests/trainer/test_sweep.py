@@ -25,7 +25,7 @@ def fake_student(temperature: float, objective: str) -> dict:
 
 
 @pytest.fixture
-def fake_sweep(tmp_path, monkeypatch):
+def fake_sweep(tmp_path, monkeypatch, cifar_stores):
     trained = []
 
     def fit(cfg, role):
@@ -40,6 +40,7 @@ def fake_sweep(tmp_path, monkeypatch):
     monkeypatch.setattr("trainer.teacher.teacher_hash", lambda cfg: "sha256:synthetic")
     cfg = Config()
     cfg = replace(cfg, run=replace(cfg.run, out_dir=str(tmp_path), name="s", progress=False),
+                  data=replace(cfg.data, train_store=str(cifar_stores["train"]), val_store=str(cifar_stores["val"])),
                   sweep=replace(cfg.sweep, temperatures=(1.0, 2.0, 4.0), objectives=("hinton", "teacher_smoothing"),
                                 calibrated=(False,), refine=3, top1_tolerance=0.01,
                                 top1_standard_errors=0.0))
