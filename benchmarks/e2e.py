@@ -67,7 +67,7 @@ class E2ESettings:
 
 # --quick: a few minutes on 2 CPU cores (small CIFAR models, 1000 train images)
 QUICK = dict(classes=10, train_per_class=100, test_per_class=50, teacher="resnet20",
-             student="resnet8", teacher_epochs=4, student_epochs=3, batch_size=64)
+             student="resnet8", teacher_epochs=4, student_epochs=6, batch_size=64)
 
 
 def link_subset(src: Path, dst: Path, classes: int, per_class: int) -> int:
@@ -144,17 +144,16 @@ def plain_rates(cfg, role: str, num_classes: int, repeats: int = 3) -> list[floa
     (see module docstring); with the online teacher, its forward included."""
     import torch
 
-    from benchmarks.loop_efficiency import plain_loop_images_per_sec
+    from benchmarks.loop_efficiency import plain_loop_block_rates
 
     d, m = cfg.data, cfg.model
     teacher = (m.teacher, d.teacher_resolution, m.teacher_low_res_stem)
     arch, res, stem = teacher if role == "teacher" else (m.student, d.student_size, m.student_low_res_stem)
     online = teacher if role == "student" and cfg.distill.targets == "online" else None
     device = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
-    return [plain_loop_images_per_sec(arch, num_classes, d.batch_size, res, low_res_stem=stem,
-                                      channels_last=d.channels_last, device=device, repeats=1, steps=8,
-                                      teacher=online)
-            for _ in range(repeats)]
+    return plain_loop_block_rates(arch, num_classes, d.batch_size, res, low_res_stem=stem,
+                                  channels_last=d.channels_last, device=device, warmup=5, steps=20,
+                                  repeats=repeats, teacher=online)
 
 
 def run(s: E2ESettings, data: Path) -> dict:

@@ -20,10 +20,16 @@ from typing import Optional
 import torch
 
 
-def plain_loop_images_per_sec(arch: str, num_classes: int, batch_size: int, resolution: int, *,
-                              low_res_stem: bool = True, channels_last: bool = False, device="cpu",
-                              warmup: int = 3, steps: int = 10, repeats: int = 3, seed: int = 0,
-                              teacher: Optional[tuple[str, int, bool]] = None) -> float:
+def plain_loop_images_per_sec(*args, **kwargs) -> float:
+    """The median of :func:`plain_loop_block_rates`."""
+    return statistics.median(plain_loop_block_rates(*args, **kwargs))
+
+
+def plain_loop_block_rates(arch: str, num_classes: int, batch_size: int, resolution: int, *,
+                           low_res_stem: bool = True, channels_last: bool = False, device="cpu",
+                           warmup: int = 3, steps: int = 10, repeats: int = 3, seed: int = 0,
+                           teacher: Optional[tuple[str, int, bool]] = None) -> list[float]:
+    """Images/sec of each of ``repeats`` timed blocks of the plain loop (see module docstring)."""
     from trainer.models import create_model
 
     torch.manual_seed(seed)
@@ -59,4 +65,4 @@ def plain_loop_images_per_sec(arch: str, num_classes: int, batch_size: int, reso
         if device.type == "cuda":
             torch.cuda.synchronize()
         rates.append(steps * batch_size / (time.perf_counter() - t0))
-    return statistics.median(rates)
+    return rates

@@ -29,6 +29,9 @@ class MixParams:
     lam: torch.Tensor  # float32 [B], weight of the sample's own content
     boxes: Optional[torch.Tensor] = None  # float32 [B, 4]
     target_lam: Optional[torch.Tensor] = None  # float32 [B]; defaults to lam
+    # bool [B, 1, h, w]: the boxes as a mask on the student grid they were drawn on
+    # (drawn with them on the host, so applying them is one torch.where)
+    mask: Optional[torch.Tensor] = None
 
     @property
     def target_weight(self) -> torch.Tensor:
@@ -76,7 +79,7 @@ class Batch:
         if self.mix is not None:
             m = self.mix
             changes["mix"] = replace(m, perm=move(m.perm), lam=move(m.lam), boxes=move(m.boxes),
-                                     target_lam=move(m.target_lam))
+                                     target_lam=move(m.target_lam), mask=move(m.mask))
         return replace(self, **changes)
 
     def one_hot(self, num_classes: int) -> torch.Tensor:

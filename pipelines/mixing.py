@@ -3,7 +3,7 @@
 Two halves, so the apply path never waits on the device:
 
 1. :func:`draw_params` draws everything random for one batch on the CPU from a
-   ``torch.Generator`` seeded by ``(seed, step)``: the mode, the partner
+   NumPy generator seeded by ``(seed, step)``: the mode, the partner
    permutation, the lambdas and the boxes (B numbers each). The same step
    gives the same mixing whatever device the batch is on.
 2. :func:`apply_mix` moves those few numbers to the batch's device
@@ -24,9 +24,9 @@ checked in tests/test_mixing.py, measured maxima in docs/design/loaders.md).
 is always the exact kept fraction on the student grid (after clipping),
 ``1 - box_pixels / (h * w)``, as in timm's ``correct_lam``.
 
-timm's ``Mixup`` does the same job but draws with NumPy's global RNG, loops
-over samples for per-sample CutMix, knows one view only and cannot replay a
-step, hence this small module.
+timm's ``Mixup`` does the same job but draws with NumPy's global RNG (not
+replayable per step), loops over samples for per-sample CutMix and knows one
+view only, hence this small module.
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.distributions import Gamma
 
 from dataset_tools.settings import check_choices, setting
 from pipelines.batch import Batch, MixParams
@@ -96,25 +95,25 @@ class MixConfig:
 
 # ---------------------------------------------------------------- drawing (CPU)
 
-def generator_for(seed: int, step: int, rank: int = 0) -> torch.Generator:
-    """A CPU generator seeded from ``(seed, step)``. NumPy's SeedSequence hashes
-    the pair, so neighbouring steps (or seeds) give unrelated streams. Under
+def generator_for(seed: int, step: int, rank: int = 0) -> np.random.Generator:
+    """A NumPy generator seeded from ``(seed, step)``. SeedSequence hashes the
+    pair, so neighbouring steps (or seeds) give unrelated streams. Under
     torchrun rank ``r > 0`` hashes ``(seed, step, r)``: each rank mixes its own
     batch with its own draws, as one process would over the global batch, and
-    rank 0 draws what a single process draws."""
+    rank 0 draws what a single process draws. NumPy, not torch: the draws
+    are a few dozen numbers per step, where a torch op's dispatch (~5 us)
+    would cost more than the arithmetic (the whole draw was ~8 % of a 16 px
+    student's CutMix step on two CPU cores in torch)."""
     if seed < 0 or step < 0 or rank < 0:
         raise ValueError(f"seed, step and rank must be non-negative, got seed={seed}, step={step}, "
                          f"rank={rank}")
     entropy = [int(seed), int(step)] + ([int(rank)] if rank else [])
-    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
-    g = torch.Generator(device="cpu")
-    g.manual_seed((int(state[0]) << 31) ^ int(state[1]))  # < 2**63
-    return g
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
 
 
-def choose_mode(cfg: MixConfig, g: torch.Generator) -> str:
+def choose_mode(cfg: MixConfig, g: np.random.Generator) -> str:
     """One uniform draw picks the batch's mode by the configured probabilities."""
-    u = float(torch.rand((), generator=g, dtype=torch.float64))
+    u = g.random()
     edge = 0.0
     for mode, p in (("mixup", cfg.p_mixup), ("cutmix", cfg.p_cutmix), ("cutout", cfg.p_cutout)):
         edge += p
@@ -123,42 +122,58 @@ def choose_mode(cfg: MixConfig, g: torch.Generator) -> str:
     return "none"
 
 
-def sample_beta(alpha: float, n: int, g: torch.Generator) -> torch.Tensor:
-    """``n`` draws of Beta(alpha, alpha) as Ga/(Ga+Gb): ``torch.distributions.Beta``
-    takes no generator, ``Gamma.sample`` does."""
-    ga = Gamma(torch.tensor(float(alpha), dtype=torch.float64), 1.0).sample((2, n), generator=g)
-    return (ga[0] / (ga[0] + ga[1])).float()
+def sample_beta(alpha: float, n: int, g: np.random.Generator) -> np.ndarray:
+    """``n`` draws of Beta(alpha, alpha), float32."""
+    return g.beta(float(alpha), float(alpha), n).astype(np.float32)
 
 
-def draw_partners(cfg: MixConfig, n: int, g: torch.Generator) -> torch.Tensor:
+def draw_partners(cfg: MixConfig, n: int, g: np.random.Generator) -> np.ndarray:
     if cfg.partner == "flip":
-        return torch.arange(n - 1, -1, -1)
-    return torch.randperm(n, generator=g)
+        return np.arange(n - 1, -1, -1, dtype=np.int64)
+    return g.permutation(n).astype(np.int64)
 
 
-def centered_boxes(box_h: torch.Tensor, box_w: torch.Tensor, height: int, width: int,
-                   g: torch.Generator) -> torch.Tensor:
+def centered_boxes(box_h: np.ndarray, box_w: np.ndarray, height: int, width: int,
+                   g: np.random.Generator) -> np.ndarray:
     """Boxes of integer size ``box_h x box_w`` centred on a uniform pixel and
     clipped to the image (DeVries & Taylor's cutout, timm's ``rand_bbox``).
-    Returns long ``[n, 4]`` pixel edges ``(y0, x0, y1, x1)``, end exclusive."""
+    Returns int64 ``[n, 4]`` pixel edges ``(y0, x0, y1, x1)``, end exclusive."""
     n = box_h.shape[0]
-    cy = torch.randint(0, height, (n,), generator=g)
-    cx = torch.randint(0, width, (n,), generator=g)
-    y0, x0 = cy - box_h // 2, cx - box_w // 2
-    y1, x1 = y0 + box_h, x0 + box_w
-    return torch.stack([y0.clamp(0, height), x0.clamp(0, width),
-                        y1.clamp(0, height), x1.clamp(0, width)], dim=1)
+    edges = np.empty((n, 4), dtype=np.int64)
+    edges[:, 0] = g.integers(0, height, n) - box_h // 2
+    edges[:, 1] = g.integers(0, width, n) - box_w // 2
+    edges[:, 2] = edges[:, 0] + box_h
+    edges[:, 3] = edges[:, 1] + box_w
+    np.maximum(edges, 0, out=edges)
+    return np.minimum(edges, np.array([height, width, height, width]), out=edges)
 
 
-def edges_to_normalized(edges: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def edges_to_normalized(edges: np.ndarray, height: int, width: int) -> np.ndarray:
     """Pixel edges ``(y0, x0, y1, x1)`` -> normalized ``(y0, x0, h, w)`` float32."""
-    y0, x0, y1, x1 = edges.unbind(1)
-    px = torch.stack([y0, x0, y1 - y0, x1 - x0], dim=1).double()
-    return (px / torch.tensor([height, width, height, width], dtype=torch.float64)).float()
+    px = edges.astype(np.float64)
+    px[:, 2:] -= px[:, :2]
+    return (px / np.array([height, width, height, width], dtype=np.float64)).astype(np.float32)
 
 
-def _round_half_up(x: torch.Tensor) -> torch.Tensor:
+def _round_half_up(x):
+    """Round half up: ``floor(x + 0.5)`` as int64 (NumPy array or torch tensor)."""
+    if isinstance(x, np.ndarray):
+        return np.floor(x + 0.5).astype(np.int64)
     return torch.floor(x + 0.5).long()
+
+
+def _mask_np(edges: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """Bool ``[n, 1, height, width]``, True inside each box (NumPy broadcasting)."""
+    rows = np.arange(height).reshape(1, height, 1)
+    cols = np.arange(width).reshape(1, 1, width)
+    e = edges.reshape(-1, 4, 1, 1)
+    inside = (rows >= e[:, 0]) & (rows < e[:, 2]) & (cols >= e[:, 1]) & (cols < e[:, 3])
+    return torch.from_numpy(inside[:, None])
+
+
+def _kept_fraction_np(edges: np.ndarray, height: int, width: int) -> np.ndarray:
+    area = (edges[:, 2] - edges[:, 0]) * (edges[:, 3] - edges[:, 1])
+    return (1.0 - area.astype(np.float64) / (height * width)).astype(np.float32)
 
 
 def draw_params(cfg: MixConfig, seed: int, step: int, batch_size: int, height: int,
@@ -173,24 +188,25 @@ def draw_params(cfg: MixConfig, seed: int, step: int, batch_size: int, height: i
     if mode == "none":
         return MixParams("none", identity, torch.ones(n))
     if mode == "cutout":
-        bh = torch.full((n,), max(1, int(np.floor(cfg.cutout_fraction * height + 0.5))))
-        bw = torch.full((n,), max(1, int(np.floor(cfg.cutout_fraction * width + 0.5))))
+        bh = np.full(n, max(1, int(np.floor(cfg.cutout_fraction * height + 0.5))), dtype=np.int64)
+        bw = np.full(n, max(1, int(np.floor(cfg.cutout_fraction * width + 0.5))), dtype=np.int64)
         edges = centered_boxes(bh, bw, height, width, g)
-        lam = _kept_fraction_px(edges, height, width)
-        return MixParams("cutout", identity, lam, edges_to_normalized(edges, height, width),
-                         target_lam=torch.ones(n))
+        return MixParams("cutout", identity, torch.from_numpy(_kept_fraction_np(edges, height, width)),
+                         torch.from_numpy(edges_to_normalized(edges, height, width)),
+                         target_lam=torch.ones(n), mask=_mask_np(edges, height, width))
     perm = draw_partners(cfg, n, g)
     alpha = cfg.mixup_alpha if mode == "mixup" else cfg.cutmix_alpha
-    lam = sample_beta(alpha, n if cfg.per_sample_lambda else 1, g).expand(n).contiguous()
+    lam = sample_beta(alpha, n if cfg.per_sample_lambda else 1, g)
+    lam = lam if lam.shape[0] == n else np.full(n, lam[0], dtype=np.float32)
     if mode == "mixup":
-        return MixParams("mixup", perm, lam)
+        return MixParams("mixup", torch.from_numpy(perm), torch.from_numpy(lam))
     # CutMix: box side sqrt(1 - lam) of the image side, then lam corrected to
     # the true (rounded, clipped) pasted area.
-    cut = torch.sqrt(1.0 - lam.double())
-    edges = centered_boxes(_round_half_up(cut * height), _round_half_up(cut * width),
-                           height, width, g)
-    return MixParams("cutmix", perm, _kept_fraction_px(edges, height, width),
-                     edges_to_normalized(edges, height, width))
+    cut = np.sqrt(1.0 - lam.astype(np.float64))
+    edges = centered_boxes(_round_half_up(cut * height), _round_half_up(cut * width), height, width, g)
+    return MixParams("cutmix", torch.from_numpy(perm), torch.from_numpy(_kept_fraction_np(edges, height, width)),
+                     torch.from_numpy(edges_to_normalized(edges, height, width)),
+                     mask=_mask_np(edges, height, width))
 
 
 # ------------------------------------------------------------- applying (device)
@@ -264,21 +280,30 @@ def mixup_images(x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> torc
     return lam * x + (1 - lam) * x[perm]
 
 
-def cutmix_images(x: torch.Tensor, perm: torch.Tensor, boxes: torch.Tensor,
-                  grid_hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
-    """Paste ``x[perm]`` into each sample's box (boxes drawn on ``grid_hw``,
-    default: ``x``'s own size)."""
+def _view_mask(x: torch.Tensor, boxes: torch.Tensor, grid_hw: Optional[tuple[int, int]],
+               grid_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The boxes as a mask on ``x``: ``grid_mask`` when ``x`` is the grid they
+    were drawn on, else the boxes scaled to ``x``'s size."""
     H, W = x.shape[-2:]
-    mask = box_mask(box_edges(boxes, grid_hw or (H, W), (H, W)), H, W)
-    return torch.where(mask, x[perm], x)
+    if grid_mask is not None and tuple(grid_mask.shape[-2:]) == (H, W):
+        return grid_mask
+    return box_mask(box_edges(boxes, grid_hw or (H, W), (H, W)), H, W)
+
+
+def cutmix_images(x: torch.Tensor, perm: torch.Tensor, boxes: torch.Tensor,
+                  grid_hw: Optional[tuple[int, int]] = None,
+                  grid_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Paste ``x[perm]`` into each sample's box (boxes drawn on ``grid_hw``,
+    default: ``x``'s own size; ``grid_mask``: the same boxes as a mask there)."""
+    return torch.where(_view_mask(x, boxes, grid_hw, grid_mask), x[perm], x)
 
 
 def cutout_images(x: torch.Tensor, boxes: torch.Tensor,
-                  grid_hw: Optional[tuple[int, int]] = None) -> torch.Tensor:
+                  grid_hw: Optional[tuple[int, int]] = None,
+                  grid_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Zero each sample's box (zero is the dataset mean after normalization)."""
-    H, W = x.shape[-2:]
-    mask = box_mask(box_edges(boxes, grid_hw or (H, W), (H, W)), H, W)
-    return torch.where(mask, torch.zeros((), dtype=x.dtype, device=x.device), x)
+    return torch.where(_view_mask(x, boxes, grid_hw, grid_mask),
+                       torch.zeros((), dtype=x.dtype, device=x.device), x)
 
 
 def params_to(params: MixParams, device: torch.device) -> MixParams:
@@ -292,7 +317,7 @@ def params_to(params: MixParams, device: torch.device) -> MixParams:
         return t.to(device, non_blocking=True)
 
     return replace(params, perm=move(params.perm), lam=move(params.lam), boxes=move(params.boxes),
-                   target_lam=move(params.target_lam))
+                   target_lam=move(params.target_lam), mask=move(params.mask))
 
 
 def mix_images(x: torch.Tensor, params: MixParams, grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -301,9 +326,9 @@ def mix_images(x: torch.Tensor, params: MixParams, grid_hw: tuple[int, int]) -> 
     if params.mode == "mixup":
         out = mixup_images(x, params.perm, params.lam)
     elif params.mode == "cutmix":
-        out = cutmix_images(x, params.perm, params.boxes, grid_hw)
+        out = cutmix_images(x, params.perm, params.boxes, grid_hw, params.mask)
     elif params.mode == "cutout":
-        out = cutout_images(x, params.boxes, grid_hw)
+        out = cutout_images(x, params.boxes, grid_hw, params.mask)
     elif params.mode != "none":
         raise ValueError(f"mixing: unknown mode {params.mode!r}, expected one of {MODES}")
     if out is not x and x.is_contiguous(memory_format=torch.channels_last):

@@ -15,7 +15,7 @@ from pipelines.loader import LoaderConfig, create_loader
 from pipelines.memory import loader as memory
 from pipelines.views import box_to_pixels
 
-from loader_helpers import collect_epoch, convert_store
+from loader_helpers import collect_epoch, convert_store, to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +113,29 @@ def test_mixed_sizes_are_padded_and_cropped_within_each_image(mixed_size_store):
         ref = TF.resize(img, [20, 20], antialias=True).float()
         levels = got["student"][row] * std + mean
         assert (levels - ref).abs().max() <= 1.01, f"sample {i}: padding leaked into the view"
+
+
+@pytest.mark.parametrize("kw", [dict(num_views=3, teacher_resolution=32), dict(train=False),
+                                dict(fixed_view=2, num_views=3)])
+def test_view_bank_equals_resizing_per_batch(png_store, kw):
+    """Replayable views come from a bank resized once; without room for it
+    (a budget that fits the split only) every batch is resized: the same
+    views, and the bank is shared by the next loader of the same views."""
+    memory._RESIDENT.clear()
+    memory._BANKS.clear()
+    with create_loader(_cfg(png_store, **kw)) as banked:
+        assert all(b is not None for b in banked.banks.values())
+        got = collect_epoch(banked, 4)
+    split_bytes = 200 * 3 * 32 * 32
+    memory._BANKS.clear()
+    per_batch = memory.MemoryLoader(_cfg(png_store, **kw), max_bytes=split_bytes + 100)
+    assert all(b is None for b in per_batch.banks.values())
+    ref = collect_epoch(per_batch, 4)
+    for k in ("indices", "labels", "boxes", "flips", "view_ids"):
+        assert torch.equal(got[k], ref[k]), k
+    for view in ("student", "teacher"):
+        if view in ref:
+            diff = (to_uint8(got[view], png_store).int() - to_uint8(ref[view], png_store).int()).abs()
+            assert diff.max() <= 1, view  # the same views, to a rounding tie
+    with create_loader(_cfg(png_store, **kw)) as again, create_loader(_cfg(png_store, **kw)) as third:
+        assert again.banks[16] is third.banks[16]
