@@ -216,7 +216,10 @@ def run_evaluate(cfg: Config, checkpoint: str = "") -> dict:
     model = model.to(device, memory_format=fmt)
     with _eval_loader(cfg, "test", ck["student_resolution"], device) as loader:
         t0 = time.perf_counter()  # one pass: the metrics come from the collected logits
-        logits, labels = collect_logits(model, loader, _autocast_for(cfg, device))
+        bar = progress(total=len(loader), desc=f"evaluate {path.name}", unit="batch",
+                       enabled=cfg.run.progress and distributed.is_main())
+        logits, labels = collect_logits(model, loader, _autocast_for(cfg, device), bar.update)
+        bar.close()
         metrics = calibration_metrics(logits, labels)
         metrics["eval_images_per_sec"] = len(labels) / max(time.perf_counter() - t0, 1e-9)
     metrics["ece_floor"] = ece_noise_floor(logits)  # what sampling noise alone gives on this split

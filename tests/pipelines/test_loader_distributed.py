@@ -72,7 +72,8 @@ def _rank_main(rank, backends, store, init_file, out_dir):
 
 # The reference backend runs in its own (fast) spawn; FFCV and DALI together in
 # a second one (their imports and pipeline compilation make it slow).
-GROUPS = {"reference": ("reference",), "ffcv": ("ffcv", "dali"), "dali": ("ffcv", "dali")}
+GROUPS = {"reference": ("reference",), "ffcv": ("ffcv", "dali"), "dali": ("ffcv", "dali"),
+          "memory": ("memory",)}
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,16 @@ from trainer.evaluation.calibration import CalibrationMeter, calibration_metrics
 
 
 @torch.no_grad()
-def sample_logits(model, loader, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_logits(model, loader, autocast, on_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels of every sample of the loader's store, in sample
     order, on the device; a sharded loader's ranks each compute their shard
-    and gather (:func:`trainer.distributed.gather_by_index`)."""
+    and gather (:func:`trainer.distributed.gather_by_index`). ``on_batch(1)``
+    after each batch (a progress bar's ``update``)."""
     model.eval()
     logits, labels, indices = [], [], []
     for batch in loader:
+        if on_batch is not None:
+            on_batch(1)
         with autocast():
             out = model(batch.student)
         logits.append(out.float())
@@ -32,10 +35,10 @@ def sample_logits(model, loader, autocast) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def collect_logits(model, loader, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def collect_logits(model, loader, autocast, on_batch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """All logits and labels of a loader (eval mode), on the CPU; with a
     sharded loader (torchrun) every sample's, gathered on every rank."""
-    logits, labels = sample_logits(model, loader, autocast)
+    logits, labels = sample_logits(model, loader, autocast, on_batch)
     return logits.cpu(), labels.cpu()
 
 
