@@ -151,11 +151,11 @@ class Staging:
         old = self.out_dir.with_name(f"{self.out_dir.name}{OLD_TAG}{os.getpid()}")
         with _parent_lock(self.out_dir.parent):
             os.unlink(self.path / LOCK_NAME)
-            _fsync_dir(self.path)
+            fsync_path(self.path)
             if self.out_dir.exists():
                 os.rename(self.out_dir, old)
             os.rename(self.path, self.out_dir)
-            _fsync_dir(self.out_dir.parent)
+            fsync_path(self.out_dir.parent)
             if old.exists():
                 shutil.rmtree(old)
         self._release()
@@ -174,7 +174,8 @@ class Staging:
             self._release()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (its entries) by path."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

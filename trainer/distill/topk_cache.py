@@ -57,7 +57,6 @@ from __future__ import annotations
 import json
 import math
 import mmap
-import os
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -66,7 +65,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataset_tools.atomic import Staging, write_json_atomic
+from dataset_tools.atomic import Staging, fsync_path, write_json_atomic
 from trainer.distill.cache_sizes import TAIL_FIELDS
 from trainer.distill.logit_cache import (CacheError, CacheKey, Computed, computed_arrays, fill_parts, view_parts,
                                          to_cache_dtype)
@@ -211,14 +210,6 @@ def fill_topk_cache(path, key: CacheKey, num_samples: int, num_classes: int, num
     return path
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _assemble(path: Path, parts: Path, key: CacheKey, num_samples: int, num_views: int, layout: dict):
     topk, dtype, feature_dim = layout["topk"], layout["dtype"], layout["feature_dim"]
     rec = record_dtype(topk, dtype)
@@ -255,7 +246,7 @@ def _assemble(path: Path, parts: Path, key: CacheKey, num_samples: int, num_view
         del rows, feats
         for name in ("rows.npy", "features.npy"):
             if (st.path / name).exists():
-                _fsync(st.path / name)
+                fsync_path(st.path / name)
         n_rows = num_samples * num_views
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "key": json.loads(key.to_json()),
                 "num_samples": num_samples, "num_views": num_views, **layout,
