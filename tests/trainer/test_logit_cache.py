@@ -96,7 +96,7 @@ def test_features_round_trip_and_lookup(tmp_path):
     assert torch.equal(got, want)
     assert torch.equal(cache.logits, exact(true_logits))  # logits unaffected by storing features
     with h5py.File(path, "r") as f:
-        assert f.attrs["format_version"] == 2 and f.attrs["feature_dim"] == D
+        assert f.attrs["format_version"] == 3 and f.attrs["feature_dim"] == D
         assert f["features"].shape == (N, K, D) and f["features"].dtype == np.float32
 
 
