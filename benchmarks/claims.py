@@ -16,9 +16,10 @@ validation split, then smoothed at T), next to calibrated students (their
 own temperature fitted on the validation split and folded into the
 classifier, ``distill.calibrate_student``) and the recommended recipe (the
 sweep's choice on the validation split, calibrated). The ``targets`` grid
-compares cached targets (probabilities or logits mixed like the batch) with
-the online teacher under CutMix and mixup: the downstream gap of the cache's
-approximation.
+compares cached targets (probabilities or logits mixed like the batch, and
+CutMix composed from the cache's spatial maps) with the online teacher under
+CutMix and mixup: the downstream gap of each of the cache's approximations
+(grids 1 and 2 use the default, ``distill.cached_mix: auto``).
 
 Runs on the demo's teacher and cache (same recipe, reused), each student
 configuration for each seed (``run.seed`` varies init and mixing; the view
@@ -74,10 +75,12 @@ CLAIM2 = {
 # cached targets (mixed like the batch: approximate, no teacher in the loop) vs
 # online targets (the teacher runs on the mixed full-resolution view: exact)
 TARGETS = {
-    "kd_cutmix_cached": {**KD, "mix": dict(p_cutmix=1.0)},
+    "kd_cutmix_cached": {**KD, "mix": dict(p_cutmix=1.0), "distill": dict(cached_mix="probs")},
     "kd_cutmix_cached_logits": {**KD, "mix": dict(p_cutmix=1.0), "distill": dict(cached_mix="logits")},
+    "kd_cutmix_cached_spatial": {**KD, "mix": dict(p_cutmix=1.0),
+                                 "distill": dict(cached_mix="spatial")},
     "kd_cutmix_online": {**KD, "mix": dict(p_cutmix=1.0), "distill": dict(targets="online")},
-    "kd_mixup_cached": {**KD, "mix": dict(p_mixup=1.0)},
+    "kd_mixup_cached": {**KD, "mix": dict(p_mixup=1.0), "distill": dict(cached_mix="probs")},
     "kd_mixup_cached_logits": {**KD, "mix": dict(p_mixup=1.0), "distill": dict(cached_mix="logits")},
     "kd_mixup_online": {**KD, "mix": dict(p_mixup=1.0), "distill": dict(targets="online")},
 }

@@ -187,13 +187,15 @@ def prepare(cfg: Config, args, times: dict) -> dict:
 
 
 def cache_is_current(cfg: Config) -> bool:
-    """Whether the run's teacher cache exists with its fill record and the key
-    this recipe, teacher and machine expect (else it is removed, to be refilled)."""
+    """Whether the run's teacher cache exists with its fill record, the key
+    this recipe, teacher and machine expect and the spatial maps a fill would
+    store now (else it is removed, to be refilled)."""
     import torch
 
-    from trainer.data import cache_key, teacher_cache_path
+    from trainer.data import cache_key, teacher_cache_format, teacher_cache_path
     from trainer.distill.logit_cache import CacheError, CacheTooLargeError, remove_cache
-    from trainer.distill.teacher_cache import open_teacher_cache
+    from trainer.distill.teacher_cache import open_teacher_cache, spatial_layout
+    from trainer.models import create_model
     from trainer.run_settings import amp_dtype
 
     store = open_store(cfg.data.train_store)
@@ -204,14 +206,22 @@ def cache_is_current(cfg: Config) -> bool:
     key = cache_key(cfg, load_checkpoint(cfg.teacher_checkpoint)["weights_hash"],
                     store.fingerprint, device=device, amp=amp_dtype(cfg, device))
     try:
-        open_teacher_cache(path, key)
-        return True
+        cache = open_teacher_cache(path, key)
     except CacheTooLargeError:
         raise  # valid but too big for this machine: refilling would not help
     except CacheError as e:
         print(f"teacher cache: filling again ({str(e).splitlines()[0]})")
         remove_cache(path)
         return False
+    arch = create_model(cfg.model.teacher, store.num_classes, low_res_stem=cfg.model.teacher_low_res_stem)
+    _, grid = spatial_layout(teacher_cache_format(cfg, store), cfg.distill, arch, store.num_samples,
+                             cfg.data.num_views)
+    if cache.spatial_grid != grid:
+        print(f"teacher cache: filling again (it has spatial maps of {cache.spatial_grid} cells a side, "
+              f"distill.cache_spatial={cfg.distill.cache_spatial} asks for {grid}; 0 = none)")
+        remove_cache(path)
+        return False
+    return True
 
 
 def train_student(cfg: Config, tag: str, overrides: dict, times: dict) -> dict:

@@ -4,22 +4,28 @@ teacher on the same mixed batches.
 With cached targets the teacher never sees the mixed image. For mixup and
 CutMix batches of the real training loader (full-resolution teacher views of
 the student's crops), this runs the online teacher on the mixed image and
-compares its distribution at temperature T with each cached approximation:
+compares its distribution at temperature T with each cached approximation,
+computed by the product's own :class:`trainer.distill.targets.CachedTargets`
+on cache rows made here from the same views (by the fill's
+:func:`trainer.distill.teacher_cache.teacher_rows`, stored in the cache dtype
+float16):
 
 * ``probs``: the per-sample cached distributions mixed like the labels
-  (``distill.cached_mix: probs``, the default);
+  (``distill.cached_mix: probs``);
 * ``logits``: the cached logits mixed, then softened
   (``distill.cached_mix: logits``). For a model whose head is linear on the
   pooled embedding this is also what mixing cached embeddings gives;
 * ``spatial`` (CutMix only): the teacher's last feature map of each source
-  view, area-pooled to ``grid x grid`` cells (what a cache would store per
-  row), composed cell by cell with the fraction of each cell the CutMix box
-  covers, globally pooled and passed through the teacher's head.
+  view, area-pooled to ``grid x grid`` cells (what the cache stores with
+  ``distill.cache_spatial``), composed cell by cell with the fraction of each
+  cell the CutMix box covers, pooled and passed through the teacher's head
+  (:mod:`trainer.distill.spatial`; ``distill.cached_mix: spatial``, and what
+  ``auto`` does when the cache has the maps).
 
 Reported per mixing kind, temperature and approximation: mean
-KL(online || approximation) and top-1 agreement, plus the approximation's
-cost per batch next to the student's training step time (from the run's
-log), and the extra cache size of ``spatial``.
+KL(online || approximation) and top-1 agreement, plus each approximation's
+cost per batch (the ``CachedTargets`` call: lookup, mixing or composition,
+softmax) and the extra cache size of ``spatial``.
 
 ``python -m benchmarks.mix_fidelity --config configs/demo_cpu.yaml`` after
 ``make demo`` (it needs the run's teacher checkpoint; the cache rows are
@@ -33,38 +39,32 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 APPROXIMATIONS = ("probs", "logits", "spatial")
 
 
-def _spatial_hook(model):
-    """Capture the input of the model's global pool (its last feature map)."""
-    pool = getattr(model, "avgpool", None)
-    if pool is None:
-        return None, None
-    store = {}
-    handle = pool.register_forward_hook(lambda m, inp, out: store.__setitem__("map", inp[0].detach()))
-    return store, handle
+def batch_cache(teacher, views: torch.Tensor, grid: int):
+    """The cache rows of ``views`` (one per sample, view 0), as the fill
+    makes them, in an in-memory :class:`~trainer.distill.logit_cache.LogitCache`
+    stored in float16 (the default cache dtype)."""
+    from trainer.distill.logit_cache import LogitCache
+    from trainer.distill.teacher_cache import teacher_rows
 
-
-def compose_cutmix_map(maps: torch.Tensor, perm: torch.Tensor, pasted: torch.Tensor, grid: int) -> torch.Tensor:
-    """``maps`` [B, D, h, w] -> area-pooled to ``grid x grid``, then each cell
-    mixes its own and its partner's features by the fraction of the cell
-    the partner fills (``pasted``: bool [B, 1, H, W] at image resolution);
-    returns the globally pooled embedding [B, D]."""
-    cells = F.adaptive_avg_pool2d(maps.float(), grid)
-    frac = F.adaptive_avg_pool2d(pasted.float(), grid)
-    composed = (1 - frac) * cells + frac * cells[perm]
-    return composed.mean(dim=(2, 3))
+    logits, emb, cells = (torch.from_numpy(a).half()[:, None]
+                          for a in teacher_rows(teacher, views, teacher.feature_dim, grid))
+    return LogitCache(Path("<this batch>"), None, logits, 0.0, emb, 0.0, cells, 0.0)
 
 
 def measure(cfg, batches: int, temperatures, grid: int) -> dict:
     from pipelines.loader import create_loader
-    from pipelines.mixing import Mixer, MixConfig, box_edges, box_mask
+    from pipelines.mixing import Mixer, MixConfig
     from trainer.data import loader_config
+    from trainer.distill.spatial import SpatialHead
+    from trainer.distill.targets import CachedTargets
     from trainer.teacher import load_teacher
 
     device = torch.device("cpu")
@@ -73,41 +73,29 @@ def measure(cfg, batches: int, temperatures, grid: int) -> dict:
     results, costs = {}, {}
     with create_loader(lc, world_size=1, rank=0) as loader:
         teacher, _ = load_teacher(cfg, loader.store.num_classes, device)
-        hook_store, handle = _spatial_hook(teacher)
+        head = SpatialHead(teacher) if not teacher.spatial_unavailable() else None
         for kind, mix_cfg in (("mixup", MixConfig(p_mixup=1.0)), ("cutmix", MixConfig(p_cutmix=1.0))):
+            approximations = [a for a in APPROXIMATIONS if a != "spatial" or (kind == "cutmix" and head)]
             mixer = Mixer(mix_cfg, cfg.run.seed)
-            acc = {(t, a): {"kl": [], "agree": []} for t in temperatures for a in APPROXIMATIONS}
-            cost = {a: [] for a in APPROXIMATIONS}
+            acc = {(t, a): {"kl": [], "agree": []} for t in temperatures for a in approximations}
+            cost = {a: [] for a in approximations}
             loader.set_epoch(0)
             for step, batch in enumerate(loader):
                 if step >= batches:
                     break
                 with torch.no_grad():
-                    z_src = teacher(batch.teacher)  # what the cache holds for these views
-                    src_map = hook_store["map"] if hook_store is not None else None
-                    # the teacher view is mixed like the student view (same boxes, its own grid)
-                    mixed = mixer(batch, step)
+                    cache = batch_cache(teacher, batch.teacher, grid if head else 0)
+                    mixed = mixer(batch, step)  # the teacher view is mixed like the student view
                     z_on = teacher(mixed.teacher)
-                m = mixed.mix
+                rows = SimpleNamespace(indices=torch.arange(len(batch)), view_ids=torch.zeros(len(batch),
+                                       dtype=torch.long), mix=mixed.mix)
                 for t in temperatures:
-                    p_on = F.softmax(z_on / t, 1)
-                    approx = {}
-                    t0 = time.perf_counter()
-                    approx["probs"] = m.mix_targets(F.softmax(z_src / t, 1))
-                    cost["probs"].append(time.perf_counter() - t0)
-                    t0 = time.perf_counter()
-                    approx["logits"] = F.softmax(m.mix_targets(z_src) / t, 1)
-                    cost["logits"].append(time.perf_counter() - t0)
-                    if kind == "cutmix" and src_map is not None:
+                    p_on = torch.softmax(z_on / t, 1)
+                    for a in approximations:
+                        targets = CachedTargets(cache, t, a, head=head if a == "spatial" else None)
                         t0 = time.perf_counter()
-                        h, w = mixed.teacher.shape[-2:]
-                        grid_hw = tuple(batch.student.shape[-2:])
-                        pasted = box_mask(box_edges(m.boxes, grid_hw, (h, w)), h, w)
-                        emb = compose_cutmix_map(src_map, m.perm, pasted, grid)
-                        with torch.no_grad():
-                            approx["spatial"] = F.softmax(teacher.head(emb) / t, 1)
-                        cost["spatial"].append(time.perf_counter() - t0)
-                    for a, q in approx.items():
+                        q, _ = targets(rows)
+                        cost[a].append(time.perf_counter() - t0)
                         kl = (p_on * (p_on.clamp_min(1e-12).log() - q.clamp_min(1e-12).log())).sum(1)
                         acc[(t, a)]["kl"].append(kl.mean().item())
                         acc[(t, a)]["agree"].append((q.argmax(1) == p_on.argmax(1)).float().mean().item())
@@ -116,12 +104,11 @@ def measure(cfg, batches: int, temperatures, grid: int) -> dict:
                                          for (tt, a), v in acc.items() if tt == t and v["kl"]}
                              for t in temperatures}
             costs[kind] = {a: statistics.median(v) * 1e3 for a, v in cost.items() if v}
-        if handle is not None:
-            handle.remove()
+        channels = teacher.spatial_channels if head else 0
         feature_dim = teacher.feature_dim
     return {"results": results, "cost_ms_per_batch": costs, "batches": batches,
             "batch_size": cfg.data.batch_size, "grid": grid,
-            "spatial_cache_floats_per_row": grid * grid * feature_dim,
+            "spatial_cache_floats_per_row": grid * grid * channels,
             "embedding_cache_floats_per_row": feature_dim}
 
 

@@ -36,6 +36,7 @@ from trainer.models.temperature_fold import fold_temperature
 from trainer.checkpoint import load_checkpoint, save_checkpoint, unwrap, weights_hash
 from trainer.distill.teacher_cache import open_teacher_cache
 from trainer.distill.loss import DistillLoss
+from trainer.distill.spatial import spatial_head_for
 from trainer.distill.targets import CachedTargets, NoTargets, OnlineTargets
 from trainer.models import create_model
 from trainer.recipe import Config
@@ -135,8 +136,9 @@ class Trainer:
         key = cache_key(cfg, whash, self.train_loader.store.fingerprint, device=self.device, amp=self.amp)
         cache = open_teacher_cache(teacher_cache_path(cfg, self.train_loader.store), key,
                                    device=self.device)
+        head = spatial_head_for(cfg, cache, self.num_classes, self.device, mixing=rc.mixing)
         return CachedTargets(cache, teacher_t, cfg.distill.cached_mix,
-                             need_features=rc.loss.rkd > 0 or rc.loss.crd > 0)
+                             need_features=rc.loss.rkd > 0 or rc.loss.crd > 0, head=head)
 
     def _lr_lambda(self, step: int) -> float:
         o = self.cfg.optim

@@ -28,7 +28,8 @@ from pipelines.loader import create_loader
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint
 from trainer.data import cache_key, loader_config, teacher_cache_format
-from trainer.distill.teacher_cache import fill_teacher_cache, open_teacher_cache, plan_fill, stores_features
+from trainer.distill.teacher_cache import (fill_teacher_cache, open_teacher_cache, plan_fill, spatial_layout,
+                                           stores_features, teacher_rows)
 from trainer.distributed import setup as setup_distributed
 from trainer.engine import Trainer
 from trainer.evaluation.logits import collect_logits
@@ -101,12 +102,13 @@ def run_calibrate(cfg: Config) -> dict:
 
 def run_cache(cfg: Config) -> dict:
     """Fill the teacher cache: logits (and penultimate embeddings, see
-    ``distill.cache_features``) of K full-resolution views per training
+    ``distill.cache_features``, and area-pooled last feature maps, see
+    ``distill.cache_spatial``) of K full-resolution views per training
     sample, in the format ``distill.cache_format`` resolves to; its sizes are
     printed and checked against memory and disk before the teacher runs.
     Under torchrun each rank computes the part files of its shard of every
     view and rank 0 assembles the cache
-    (:func:`~trainer.distill.logit_cache.fill_parts`)."""
+    (:func:`~trainer.distill.cache_parts.fill_parts`)."""
     device = setup_distributed(cfg)
     d, dc = cfg.data, cfg.distill
     if d.num_views < 1:
@@ -117,8 +119,9 @@ def run_cache(cfg: Config) -> dict:
     teacher, whash = load_teacher(cfg, store.num_classes, device)
     feature_dim = teacher.feature_dim if stores_features(
         fmt, dc.cache_features, cfg.loss.rkd > 0 or cfg.loss.crd > 0) else 0
+    spatial_channels, spatial_grid = spatial_layout(fmt, dc, teacher, store.num_samples, d.num_views)
     plan = plan_fill(fmt, path, store.num_samples, d.num_views, store.num_classes, dc.cache_dtype,
-                     dc.cache_topk, feature_dim)
+                     dc.cache_topk, feature_dim, spatial_channels, spatial_grid)
     if distributed.is_main():
         log_line(plan["summary"])
     key = cache_key(cfg, whash, store.fingerprint, device=device, amp=amp_dtype(cfg, device))
@@ -134,16 +137,15 @@ def run_cache(cfg: Config) -> dict:
         with create_loader(lc, rank=rank, world_size=world) as loader:  # this rank's shard
             for batch in loader:
                 def compute(batch=batch):
-                    with torch.no_grad(), autocast():
-                        emb, logits = teacher.forward_features(batch.student)
-                    logits = logits.float().cpu().numpy()
-                    return (logits, emb.float().cpu().numpy()) if feature_dim else logits
+                    with autocast():
+                        return teacher_rows(teacher, batch.student, feature_dim, spatial_grid)
                 yield batch.indices.cpu().numpy(), compute
 
     path = fill_teacher_cache(fmt, path, key, store.num_samples, store.num_classes, d.num_views,
                               view_batches, dtype=dc.cache_dtype, progress=bar.update,
-                              feature_dim=feature_dim, topk=dc.cache_topk, rank=rank, world_size=world,
-                              barrier=distributed.barrier)
+                              feature_dim=feature_dim, topk=dc.cache_topk,
+                              spatial_channels=spatial_channels, spatial_grid=spatial_grid,
+                              rank=rank, world_size=world, barrier=distributed.barrier)
     bar.close()
     seconds = time.perf_counter() - t0
     if not distributed.is_main():  # rank 0 reads the assembled cache and tells the others
@@ -151,10 +153,12 @@ def run_cache(cfg: Config) -> dict:
     cache = open_teacher_cache(path, key)
     result = {"path": str(path), "format": fmt, "num_samples": cache.num_samples,
               "num_views": cache.num_views, "num_classes": cache.num_classes,
-              "feature_dim": cache.feature_dim, "dtype": dc.cache_dtype,
+              "feature_dim": cache.feature_dim, "spatial_grid": cache.spatial_grid, "dtype": dc.cache_dtype,
               "logits_bytes": plan["logits_bytes"], "features_bytes": plan["features_bytes"],
-              "fp16_max_abs_error": cache.fp16_max_abs_error,
-              "features_fp16_max_abs_error": cache.features_fp16_max_abs_error, "seconds": seconds,
+              "spatial_bytes": plan["spatial_bytes"], "fp16_max_abs_error": cache.fp16_max_abs_error,
+              "features_fp16_max_abs_error": cache.features_fp16_max_abs_error,
+              "spatial_fp16_max_abs_error": getattr(cache, "spatial_fp16_max_abs_error", 0.0),
+              "seconds": seconds,
               "teacher_images_per_sec": store.num_samples * d.num_views / max(seconds, 1e-9)}
     if fmt == "topk":
         result.update(topk=cache.topk, reconstruction_kl=cache.meta["reconstruction_kl"])

@@ -135,8 +135,10 @@ class DistillSection:
     temperature_from_calibration: bool = setting(False, "use the calibrated T as the KD temperature")
     calibrated_teacher: bool = setting(False, "divide the teacher's logits by the T fitted on val "
                                        "(calibrate) before smoothing at loss.temperature")
-    cached_mix: str = setting("probs", "cached targets under mixing: mix probabilities or logits",
-                              choices=("probs", "logits"))
+    cached_mix: str = setting("auto", "cached targets under mixing: auto (CutMix composed from the "
+                              "cache's spatial maps when it has them, else mixed logits) | spatial "
+                              "(requires the maps) | logits | probs",
+                              choices=("auto", "spatial", "logits", "probs"))
     cache_format: str = setting("auto", "teacher-cache format: dense (every logit, loaded whole onto "
                                 "the device) | topk (top-k logits + tail summary, memory-mapped) | "
                                 "auto (dense while it takes at most cache_dense_max_gb)",
@@ -146,6 +148,11 @@ class DistillSection:
     cache_features: str = setting("auto", "teacher embeddings for RKD/CRD: auto (dense: stored; topk: "
                                   "only if loss.rkd/crd > 0) | always | never",
                                   choices=("auto", "always", "never"))
+    cache_spatial: str = setting("auto", "store the teacher's last feature map per view, area-pooled, for "
+                                 "composing CutMix targets: auto (dense cache, teacher with a map, maps "
+                                 "<= cache_dense_max_gb) | always | never",
+                                 choices=("auto", "always", "never"))
+    cache_spatial_grid: int = setting(4, "cells per side of the stored spatial maps")
     calibrate_student: bool = setting(False, "after training, fit the student's temperature on the "
                                       "validation split and fold it into its classifier (a calibrated "
                                       "student at no inference cost)")
@@ -158,6 +165,9 @@ class DistillSection:
                               f"are stored as uint16)")
         if self.cache_dense_max_gb < 0:
             raise ConfigError(f"distill.cache_dense_max_gb={self.cache_dense_max_gb} must be >= 0")
+        if not 1 <= self.cache_spatial_grid <= 32:
+            raise ConfigError(f"distill.cache_spatial_grid={self.cache_spatial_grid} must be in [1, 32] "
+                              f"(cells per side of the stored teacher maps)")
 
 
 @dataclass

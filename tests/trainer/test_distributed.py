@@ -199,6 +199,7 @@ def test_calibrate_cache_evaluate_under_torchrun_match_one_process(pipeline, tmp
     a, b = LogitCache.open(one.cache_path), LogitCache.open(cfg.cache_path)
     assert a.key == b.key
     assert torch.equal(a.logits, b.logits) and torch.equal(a.features, b.features)
+    assert a.spatial_grid == 4 and torch.equal(a.spatial, b.spatial)  # maps stored by auto, sharded alike
     assert not Path(str(cfg.cache_path) + ".parts").exists()  # assembled once, parts removed
 
     student = tmp_path / "student" / "final.pt"

@@ -15,44 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.distill.logit_cache import CacheError, CacheKey, LogitCache, fill_cache
+from trainer.distill.logit_cache import CacheError, LogitCache, fill_cache
+
+from cache_helpers import FakeTeacher
 
 N, K, C, B, D = 50, 3, 7, 8, 5
 
-
-def key(**kw):
-    base = dict(teacher_hash="sha256:t", data_fingerprint="sha256:d",
-                views={"seed": 0, "num_views": K}, teacher_resolution=32)
-    base.update(kw)
-    return CacheKey(**base)
-
-
-def true_logits(v):
-    g = np.random.default_rng(v)
-    return (g.standard_normal((N, C)) * 5).astype(np.float32)
-
-
-def true_features(v):
-    """A tiny deterministic fake teacher's pooled penultimate embedding (ReLU'd, so >= 0)."""
-    g = np.random.default_rng(1000 + v)
-    return np.maximum(g.standard_normal((N, D)) * 3, 0).astype(np.float32)
-
-
-def batches(v, calls=None, features=False):
-    order = np.random.default_rng(100 + v).permutation(N)  # any deterministic order works
-    table, ftable = true_logits(v), true_features(v)
-    for s in range(0, N, B):
-        idx = order[s:s + B]
-
-        def compute(idx=idx, s=s):
-            if calls is not None:
-                calls.append((v, s))
-            return (table[idx], ftable[idx]) if features else table[idx]
-        yield idx, compute
-
-
-def fbatches(v, calls=None):
-    return batches(v, calls, features=True)
+TEACHER = FakeTeacher(n=N, views=K, classes=C, batch=B, dim=D, scale=5.0)
+key, true_logits, true_features = TEACHER.key, TEACHER.true_logits, TEACHER.true_features
+batches, fbatches = TEACHER.batches, TEACHER.fbatches
 
 
 def exact(fn):
@@ -96,7 +67,7 @@ def test_features_round_trip_and_lookup(tmp_path):
     assert torch.equal(got, want)
     assert torch.equal(cache.logits, exact(true_logits))  # logits unaffected by storing features
     with h5py.File(path, "r") as f:
-        assert f.attrs["format_version"] == 2 and f.attrs["feature_dim"] == D
+        assert f.attrs["format_version"] == 3 and f.attrs["feature_dim"] == D
         assert f["features"].shape == (N, K, D) and f["features"].dtype == np.float32
 
 
@@ -226,7 +197,7 @@ def test_stale_parts_of_another_key_are_discarded(tmp_path):
 
 FILL_SCRIPT = textwrap.dedent("""
     import sys, time, numpy as np
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {root!r}]
     from test_logit_cache import key, batches, N, C, K, D
     from trainer.distill.logit_cache import fill_cache
     slow = sys.argv[2] == "slow"
@@ -243,7 +214,7 @@ FILL_SCRIPT = textwrap.dedent("""
 
 def test_kill_9_then_rerun_gives_identical_contents(tmp_path):
     script = tmp_path / "fill.py"
-    script.write_text(FILL_SCRIPT.format(tests=os.path.dirname(__file__)))
+    script.write_text(FILL_SCRIPT.format(tests=os.path.dirname(__file__), root=os.path.dirname(os.path.dirname(__file__))))
     path = tmp_path / "c.h5"
     proc = subprocess.Popen([sys.executable, str(script), str(path), "slow"])
     parts = tmp_path / "c.h5.parts"

@@ -14,46 +14,20 @@ import torch
 
 from trainer.distill import logit_cache
 from trainer.distill.kd import kd_loss
-from trainer.distill.logit_cache import CacheError, CacheKey, CacheTooLargeError, LogitCache, fill_cache
+from trainer.distill.logit_cache import CacheError, CacheTooLargeError, LogitCache, fill_cache
 from trainer.distill.targets import CachedTargets
 from trainer.distill.teacher_cache import (fill_teacher_cache, open_teacher_cache, plan_fill, resolve_format,
                                            stores_features)
 from trainer.distill.topk_cache import (TopKCache, fill_time_kl, fill_topk_cache, reconstruct_logits,
                                         reconstruction_kl, summarize_rows, tail_log_mass)
 
+from cache_helpers import FakeTeacher
+
 N, K, C, B, D, TOPK = 40, 3, 12, 8, 5, 4
 
-
-def key(**kw):
-    base = dict(teacher_hash="sha256:t", data_fingerprint="sha256:d",
-                views={"seed": 0, "num_views": K}, teacher_resolution=32)
-    base.update(kw)
-    return CacheKey(**base)
-
-
-def true_logits(v):
-    return (np.random.default_rng(v).standard_normal((N, C)) * 4).astype(np.float32)
-
-
-def true_features(v):
-    return np.maximum(np.random.default_rng(1000 + v).standard_normal((N, D)) * 3, 0).astype(np.float32)
-
-
-def batches(v, calls=None, features=False):
-    order = np.random.default_rng(100 + v).permutation(N)
-    table, ftable = true_logits(v), true_features(v)
-    for s in range(0, N, B):
-        idx = order[s:s + B]
-
-        def compute(idx=idx, s=s):
-            if calls is not None:
-                calls.append((v, s))
-            return (table[idx], ftable[idx]) if features else table[idx]
-        yield idx, compute
-
-
-def fbatches(v, calls=None):
-    return batches(v, calls, features=True)
+TEACHER = FakeTeacher(n=N, views=K, classes=C, batch=B, dim=D, scale=4.0)
+key, true_logits, true_features = TEACHER.key, TEACHER.true_logits, TEACHER.true_features
+batches, fbatches = TEACHER.batches, TEACHER.fbatches
 
 
 def softmax(z, t=1.0):

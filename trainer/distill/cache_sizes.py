@@ -32,6 +32,11 @@ def features_nbytes(num_samples: int, num_views: int, feature_dim: int, dtype: s
     return num_samples * num_views * feature_dim * itemsize(dtype)
 
 
+def spatial_nbytes(num_samples: int, num_views: int, channels: int, grid: int, dtype: str = "float16") -> int:
+    """The area-pooled teacher maps ``[N, K, channels, grid, grid]`` (dense format only)."""
+    return num_samples * num_views * channels * grid * grid * itemsize(dtype)
+
+
 def gb(nbytes: float) -> str:
     """``nbytes`` in decimal gigabytes, as a message shows it."""
     return f"{nbytes / 1e9:.2f} GB" if nbytes < 10e9 else f"{nbytes / 1e9:.1f} GB"

@@ -7,12 +7,19 @@ penultimate embedding, both mixed like the batch.
 * ``none``: no teacher (supervised student).
 * ``cached``: rows of the teacher cache (:mod:`trainer.distill.teacher_cache`)
   for the batch's (sample, view) pairs, looked up at the teacher temperature
-  (a top-k cache reconstructs the distribution at that temperature). The teacher never saw the mixed
-  image, so the mixed target is an approximation (``distill.cached_mix``):
-  ``probs`` mixes the per-sample distributions like the labels (the default),
-  ``logits`` mixes the logits before the softmax. Embeddings are the cached
-  penultimate features, mixed linearly like the labels; RKD/CRD refuse a
-  cache without them, so cached and online RKD/CRD train the same method.
+  (a top-k cache reconstructs the distribution at that temperature). The
+  teacher never saw the mixed image, so the mixed target is an approximation
+  (``distill.cached_mix``): ``probs`` mixes the per-sample distributions like
+  the labels, ``logits`` mixes the logits before the softmax, ``spatial``
+  composes CutMix batches from the cache's spatial maps through the teacher's
+  head (:mod:`trainer.distill.spatial`; the cache must have them) and mixes
+  logits otherwise, and ``auto`` (the default) is ``spatial`` when the cache
+  has the maps and ``logits`` when not. The rule (the closest to the online
+  teacher that costs under 10 % of a step) and the measurements:
+  docs/design/teacher_cache.md. Embeddings are the cached penultimate
+  features, mixed linearly like the labels, except on composed CutMix
+  batches, where they are the pooled composed map; RKD/CRD refuse a cache
+  without them, so cached and online RKD/CRD train the same method.
 * ``online``: the teacher runs on the mixed full-resolution view (exact).
 
 The teacher temperature is ``T_cal * T`` with the calibrated teacher
@@ -27,8 +34,9 @@ from typing import Callable, Optional
 import torch
 
 from trainer.distill.kd import teacher_probs
+from trainer.distill.spatial import compose_cutmix
 
-MIX_MODES = ("probs", "logits")
+MIX_MODES = ("auto", "spatial", "logits", "probs")
 
 
 class NoTargets:
@@ -39,28 +47,45 @@ class NoTargets:
 
 
 class CachedTargets:
-    """Targets from a filled cache; ``need_features`` when RKD/CRD are on."""
+    """Targets from a filled cache; ``need_features`` when RKD/CRD are on;
+    ``head``: the teacher's :class:`~trainer.distill.spatial.SpatialHead`
+    (required by ``spatial``; with ``auto``, CutMix batches are composed when
+    it is given; :func:`trainer.distill.spatial.spatial_head_for` decides)."""
 
-    def __init__(self, cache, temperature: float, mix_mode: str = "probs", need_features: bool = False):
+    def __init__(self, cache, temperature: float, mix_mode: str = "auto", need_features: bool = False,
+                 head: Optional[torch.nn.Module] = None):
         if mix_mode not in MIX_MODES:
             raise ValueError(f"distill.cached_mix must be one of {MIX_MODES}, got {mix_mode!r}")
         if need_features:
             cache.require_features()
+        if mix_mode == "spatial":
+            cache.require_spatial()
+            if head is None:
+                raise ValueError("distill.cached_mix=spatial needs the teacher's head (spatial_head_for)")
         self.cache, self.temperature, self.mix_mode = cache, float(temperature), mix_mode
         self.need_features = need_features
+        self.head = head if mix_mode in ("auto", "spatial") else None
         self.teacher_dim = cache.feature_dim if need_features else cache.num_classes
 
     def __call__(self, batch):
+        mix = batch.mix
+        if mix is not None and mix.mode == "cutmix" and self.head is not None:
+            return self._composed(batch)  # auto / spatial (the head is only given for them)
         logits = self.cache.lookup(batch.indices, batch.view_ids, self.temperature)
         emb = self.cache.lookup_features(batch.indices, batch.view_ids) if self.need_features else None
-        mix = batch.mix
         if mix is None:
             return teacher_probs(logits, self.temperature), emb
         if emb is not None:
             emb = mix.mix_targets(emb)
-        if self.mix_mode == "logits":
-            return teacher_probs(mix.mix_targets(logits), self.temperature), emb
-        return mix.mix_targets(teacher_probs(logits, self.temperature)), emb
+        if self.mix_mode == "probs":
+            return mix.mix_targets(teacher_probs(logits, self.temperature)), emb
+        return teacher_probs(mix.mix_targets(logits), self.temperature), emb
+
+    @torch.no_grad()
+    def _composed(self, batch):
+        cells = self.cache.lookup_spatial(batch.indices, batch.view_ids)
+        emb, logits = self.head(compose_cutmix(cells, batch.mix.perm, batch.mix.boxes))
+        return teacher_probs(logits.float(), self.temperature), (emb.float() if self.need_features else None)
 
 
 class OnlineTargets:

@@ -49,7 +49,7 @@ classes [k], tail [3])``, so a lookup reads one place per row;
 ``features.npy`` (optional); ``meta.json`` (format, key, sizes, measured
 errors). It is assembled in a staging directory and swapped in whole
 (:class:`dataset_tools.atomic.Staging`). Filling uses the dense cache's
-resumable part files (:func:`trainer.distill.logit_cache.fill_parts`), each
+resumable part files (:func:`trainer.distill.cache_parts.fill_parts`), each
 already reduced to compact rows, so the parts are no larger than the cache.
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ import torch.nn.functional as F
 
 from dataset_tools.atomic import Staging, fsync_path, write_json_atomic
 from trainer.distill.cache_sizes import TAIL_FIELDS
-from trainer.distill.logit_cache import (CacheError, CacheKey, Computed, computed_arrays, fill_parts, view_parts,
+from trainer.distill.cache_parts import (CacheError, CacheKey, Computed, computed_arrays, fill_parts, view_parts,
                                          to_cache_dtype)
 
 FORMAT = "topk"
@@ -299,6 +299,7 @@ class TopKCache:
     num_views = property(lambda self: int(self.meta["num_views"]))
     num_classes = property(lambda self: int(self.meta["num_classes"]))
     feature_dim = property(lambda self: int(self.meta["feature_dim"]))
+    spatial_grid = 0  # this format stores no spatial maps (trainer.distill.teacher_cache.stores_spatial)
 
     @property
     def nbytes(self) -> int:
@@ -356,6 +357,13 @@ class TopKCache:
                              f"trainer cache --config ... distill.cache_features=always' (or use "
                              f"distill.targets=online)")
         return self
+
+    def require_spatial(self) -> "TopKCache":
+        """Always raises: the top-k format stores no spatial maps."""
+        raise CacheError(f"{self.path}: a top-k teacher cache stores no spatial maps (at its scale "
+                         f"they would dwarf the logits), but distill.cached_mix=spatial composes CutMix "
+                         f"targets from them; train with distill.cached_mix=auto or logits, or use a "
+                         f"dense cache (distill.cache_format=dense) if it fits")
 
     def rows_at(self, indices: torch.Tensor, view_ids: torch.Tensor):
         """``(values [B, k] float32, classes [B, k] int64, tail [B, 3] float32)`` on the CPU."""

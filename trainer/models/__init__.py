@@ -2,7 +2,10 @@
 
 Every model returns logits from ``forward(x)`` and ``(embedding, logits)``
 from ``forward_features(x)`` / ``forward(x, return_features=True)`` and
-exposes ``feature_dim`` (:class:`~trainer.models.base.DistillModel`).
+exposes ``feature_dim`` (:class:`~trainer.models.base.DistillModel`); where
+the architecture has one, ``features_map(x)`` is the map before the global
+average pool (``embed = pool_features(features_map(x))``), which the teacher
+cache stores for composing CutMix targets.
 
 Names (:mod:`trainer.models.registry`): the project's models (the CIFAR
 models of the KD/CRD literature, RepDistiller spellings, and a few

@@ -62,15 +62,13 @@ class CifarResNet(DistillModel):
             stages.append(nn.Sequential(*blocks))
             c_in = c_out
         self.layer1, self.layer2, self.layer3 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c_in, num_classes)
         self.feature_dim = c_in
         init_conv_bn_linear(self)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def features_map(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return torch.flatten(self.avgpool(x), 1)
+        return self.layer3(self.layer2(self.layer1(x)))
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:
         return self.fc(emb)

@@ -29,11 +29,10 @@ class TorchvisionResNet(DistillModel):
         self.net = net
         self.feature_dim = net.fc.in_features
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def features_map(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net
         x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-        x = n.layer4(n.layer3(n.layer2(n.layer1(x))))
-        return torch.flatten(n.avgpool(x), 1)
+        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:
         return self.net.fc(emb)
@@ -47,8 +46,8 @@ class TorchvisionMobileNetV3(DistillModel):
         self.net = net
         self.feature_dim = net.classifier[0].in_features
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.net.avgpool(self.net.features(x)), 1)
+    def features_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:
         return self.net.classifier(emb)

@@ -29,10 +29,29 @@ taken through each library's own feature API:
   dropped out. Models without a linear classifier (squeezenet) are refused.
   googlenet and inception_v3 are built without their auxiliary heads.
 
+The spatial feature map (:meth:`DistillModel.features_map`, what the
+teacher cache may store for composing CutMix targets) is the input of the
+model's one global **average** pool over an NCHW map:
+
+* **timm**: ``forward_features(x)``, pooled by ``forward_head(map,
+  pre_logits=True)``, when the model has exactly one ``SelectAdaptivePool2d``
+  and it averages an NCHW map (ResNets, ConvNeXts, EfficientNets, ...); token
+  models (ViT: no such pool), NHWC maps (Swin) and max / avg-max pools are
+  refused.
+* **torchvision**: the input of ``net.avgpool``, caught by a forward hook,
+  when that pool is global (output 1x1) and nothing but flatten / dropout
+  lies between it and the final linear layer (ResNets, RegNets, EfficientNets,
+  GoogLeNet, ...); VGG (7x7 pool + MLP), ConvNeXt (norm after the pool),
+  MobileNetV3 (MLP; the project's ``mobilenet_v3_*`` wrappers have a map)
+  and models pooling without ``avgpool`` (DenseNet, MobileNetV2, ShuffleNetV2)
+  are refused.
+
 ``low_res_stem=True`` applies :func:`trainer.models.stems.apply_low_res_stem`
 (ResNet and mobile families; any other architecture is an error).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +98,33 @@ class TimmClassifier(LibraryModel):
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:
         return self.net.get_classifier()(emb)
+
+    def spatial_unavailable(self) -> Optional[str]:
+        from timm.layers import SelectAdaptivePool2d
+        from timm.layers.adaptive_avgmax_pool import FastAdaptiveAvgPool
+
+        pools = [m for m in self.net.modules() if isinstance(m, SelectAdaptivePool2d)]
+        if len(pools) != 1:
+            return f"{self.name} has {len(pools)} global pools (SelectAdaptivePool2d), not one"
+        inner = pools[0].pool
+        if isinstance(inner, nn.AdaptiveAvgPool2d) and inner.output_size in (1, (1, 1)):
+            return None
+        if isinstance(inner, FastAdaptiveAvgPool) and tuple(inner.dim) == (2, 3):
+            return None
+        return (f"{self.name}'s global pool is {pools[0]!r} ({type(inner).__name__}), not an average "
+                f"over an NCHW map")
+
+    @property
+    def spatial_channels(self) -> int:
+        return int(self.net.num_features)
+
+    def features_map(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spatial_unavailable():
+            raise self.spatial_error()
+        return self.net.forward_features(x)
+
+    def pool_features(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_head(fmap, pre_logits=True)
 
 
 class _DeferredLinear(nn.Linear):
@@ -136,6 +182,45 @@ class TorchvisionClassifier(LibraryModel):
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:
         return self._deferred[0].classify(emb)
+
+    def head_module_names(self) -> list[str]:
+        # the deferred layer's weights are used by classify(), not by a module call
+        return [n for n in super().head_module_names() if n != "net." + self.classifier_name] \
+            + ["net." + self.classifier_name]
+
+    def spatial_unavailable(self) -> Optional[str]:
+        pool = getattr(self.net, "avgpool", None)
+        if not isinstance(pool, nn.AdaptiveAvgPool2d) or pool.output_size not in (1, (1, 1)):
+            return f"{self.name} has no global average pool at .avgpool (found {pool!r})"
+        parent_path, _, leaf = self.classifier_name.rpartition(".")
+        if parent_path:
+            parent = self.net.get_submodule(parent_path)
+            before = list(parent.children())[:int(leaf)] if leaf.isdigit() else [None]
+            if not all(isinstance(m, (nn.Dropout, nn.Identity, nn.Flatten)) for m in before):
+                return (f"{self.name} has {', '.join(type(m).__name__ for m in before)} between its "
+                        f"global pool and its classifier")
+        return None
+
+    def forward_spatial(self, x: torch.Tensor):
+        if self.spatial_unavailable():
+            raise self.spatial_error()
+        caught = {}
+
+        def catch(module, inputs, output):  # returns None: the pool's output is left as it is
+            caught["map"] = inputs[0]
+
+        hook = self.net.avgpool.register_forward_hook(catch)
+        try:
+            emb = self.net(x)
+        finally:
+            hook.remove()
+        return caught["map"], emb, self.head(emb)
+
+    def features_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_spatial(x)[0]
+
+    def pool_features(self, fmap: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.net.avgpool(fmap), 1)
 
 
 def torchvision_names() -> list[str]:

@@ -64,14 +64,12 @@ class MobileNetV2(DistillModel):
         self.blocks = nn.Sequential(*stages)
         last = int(1280 * width_mult) if width_mult > 1.0 else 1280
         self.conv2 = conv_bn_relu(c_in, last, 1)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(last, num_classes)
         self.feature_dim = last
         init_conv_bn_linear(self, linear_std=0.01)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv2(self.blocks(self.conv1(x)))
-        return torch.flatten(self.avgpool(x), 1)
+    def features_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.blocks(self.conv1(x)))
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:
         return self.classifier(emb)

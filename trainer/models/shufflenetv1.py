@@ -59,14 +59,12 @@ class ShuffleNetV1(DistillModel):
             stages.append(nn.Sequential(*units))
             c_in = c_out
         self.layer1, self.layer2, self.layer3 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(c_in, num_classes)
         self.feature_dim = c_in
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def features_map(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return torch.flatten(self.avgpool(x), 1)
+        return self.layer3(self.layer2(self.layer1(x)))
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:
         return self.linear(emb)

@@ -43,18 +43,17 @@ class VGG(DistillModel):
             c_in = widths[-1]
         self.blocks = nn.ModuleList(blocks)
         self.pool = nn.MaxPool2d(kernel_size=2, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_in, num_classes)
         self.feature_dim = c_in
         init_conv_bn_linear(self, linear_std=0.01)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def features_map(self, x: torch.Tensor) -> torch.Tensor:
         pool_before_last = x.shape[-2] >= 64
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i < 3 or (i == 3 and pool_before_last):
                 x = self.pool(x)
-        return torch.flatten(self.avgpool(x), 1)
+        return x
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:
         return self.classifier(emb)

@@ -56,15 +56,13 @@ class WideResNet(DistillModel):
         self.block1, self.block2, self.block3 = stages
         self.bn1 = nn.BatchNorm2d(c_in)
         self.relu = nn.ReLU(inplace=True)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c_in, num_classes)
         self.feature_dim = c_in
         init_conv_bn_linear(self)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def features_map(self, x: torch.Tensor) -> torch.Tensor:
         x = self.block3(self.block2(self.block1(self.conv1(x))))
-        x = self.relu(self.bn1(x))
-        return torch.flatten(self.avgpool(x), 1)
+        return self.relu(self.bn1(x))
 
     def head(self, emb: torch.Tensor) -> torch.Tensor:
         return self.fc(emb)
