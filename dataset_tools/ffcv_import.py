@@ -21,6 +21,27 @@ from ffcv.pipeline.compiler import Compiler  # noqa: E402 (the import whose side
 
 torch.set_num_threads(_threads)
 
+# FFCV's Compiler.compile wraps the same module-level functions (its
+# ``imdecode`` and ``memcpy``) in a fresh numba dispatcher for every Loader.
+# When such a duplicate is garbage-collected, numba 0.68's dispatcher finalizer
+# prints an "Exception ignored ... KeyError" traceback: harmless, but it reads
+# as a failure (a rerun of ``make demo`` printed eight while verifying its
+# stores). Those dispatchers hold no state (no closure), so they are kept
+# until exit, where numba skips the finalizer; closures (which may hold a
+# Loader's file and buffers) are left to the collector.
+_KEPT_DISPATCHERS: list = []
+_compile = Compiler.compile.__func__
+
+
+def _compile_keeping_plain_functions(cls, code, signature=None):
+    compiled = _compile(cls, code, signature)
+    if compiled is not code and getattr(code, "__closure__", True) is None:
+        _KEPT_DISPATCHERS.append(compiled)
+    return compiled
+
+
+Compiler.compile = classmethod(_compile_keeping_plain_functions)
+
 
 def set_decode_threads(n: int) -> None:
     """What ``Compiler.set_num_threads(n)`` does, less its ``torch.set_num_threads(n)``."""
