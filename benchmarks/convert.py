@@ -51,7 +51,8 @@ def balanced_subset(src: Path, dst: Path, limit: int) -> tuple[Path, int]:
 
 
 def run_config(src: Path, opts: dict, workers: int, repeats: int, scratch: Path) -> dict:
-    from dataset_tools.convert import ConvertOptions, convert
+    from dataset_tools.convert import convert
+    from dataset_tools.convert_options import ConvertOptions
 
     options = ConvertOptions(workers=workers, **opts)
     rates, peaks = [], []

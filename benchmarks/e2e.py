@@ -86,7 +86,8 @@ def link_subset(src: Path, dst: Path, classes: int, per_class: int) -> int:
 
 
 def convert_subsets(s: E2ESettings, data: Path, root: Path) -> dict:
-    from dataset_tools.convert import ConvertOptions, convert
+    from dataset_tools.convert import convert
+    from dataset_tools.convert_options import ConvertOptions
 
     stores = {}
     for split, per_class in (("train", s.train_per_class), ("test", s.test_per_class)):

@@ -21,7 +21,7 @@ from dataset_tools.stores import manifest as mf
 from dataset_tools.stores.writers import ResumeMismatch
 
 if TYPE_CHECKING:
-    from dataset_tools.convert import ConvertOptions
+    from dataset_tools.convert_options import ConvertOptions
     from dataset_tools.records import Prepared
     from dataset_tools.resume import PartCheckpoint
 

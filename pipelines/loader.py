@@ -75,7 +75,7 @@ def check_lowres_fits(store: Store, cfg: LoaderConfig) -> None:
     train on blurrier pixels than the full-resolution path gives, silently.
     Checked here, where every backend's config meets its store. Eval views
     (``train=False``, ``fixed_view=0``) are the whole image: ``S >= R``."""
-    from dataset_tools.convert import ConvertOptions
+    from dataset_tools.convert_options import ConvertOptions
     from dataset_tools.records import lowres_side
 
     if not store.has("ffcv_lowres"):

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from dataset_tools.atomic import LOCK_NAME, Staging
-from dataset_tools.convert import ConvertOptions, convert, main
+from dataset_tools.convert import convert, main
+from dataset_tools.convert_options import ConvertOptions
 from dataset_tools.records import DELAY_ENV
 from dataset_tools.stores.layout import open_store
 from dataset_tools.verify import verify_store
@@ -109,7 +110,7 @@ def test_bad_file_fail_writes_nothing_skip_lists_it(cifar_subset, tmp_path, caps
 
 
 def test_refuses_outputs_that_would_delete_data(cifar_subset, tmp_path):
-    from dataset_tools.convert import ConvertError
+    from dataset_tools.convert_options import ConvertError
 
     opts = ConvertOptions(workers=1, **OPTS)
     for out in (cifar_subset, cifar_subset.parent, cifar_subset / "apple" / "store"):

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 import dataset_tools.part_writer as part_writer
-from dataset_tools.convert import ConvertOptions, convert, default_val_dir, main
+from dataset_tools.convert import convert, main
+from dataset_tools.convert_options import ConvertOptions, default_val_dir
 from dataset_tools.records import DELAY_ENV
 from dataset_tools.resume import RESUME_DIR
 from dataset_tools.verify import verify_store

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from dataset_tools.convert import ConvertOptions, convert, main
+from dataset_tools.convert import convert, main
+from dataset_tools.convert_options import ConvertOptions
 from dataset_tools.verify import VerifyError, verify_store
 
 pytestmark = pytest.mark.filterwarnings(

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dataset_tools.convert import ConvertError, ConvertOptions, convert, default_val_dir
+from dataset_tools.convert import convert
+from dataset_tools.convert_options import ConvertError, ConvertOptions, default_val_dir
 from dataset_tools.sources import open_source
 from dataset_tools.split import holdout_count, stratified_holdout
 from dataset_tools.stores import manifest as mf

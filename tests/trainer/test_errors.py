@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.compare import CompareError
-from dataset_tools.convert import ConvertError
+from dataset_tools.convert_options import ConvertError
 from dataset_tools.errors import CqkdError
 from dataset_tools.safe_unpickle import UnsafePickleError
 from dataset_tools.sources.base import BadInput, SourceError
