@@ -1,11 +1,13 @@
-"""Convert an image dataset into the stores the loaders read (see store.py).
+"""Convert an image dataset into the stores the loaders read
+(layout: ``dataset_tools/stores/layout.py``; options and their checks:
+``dataset_tools/convert_options.py``).
 
     python dataset_tools/convert.py SRC OUT_DIR [options]   # convert one split
     python dataset_tools/convert.py SRC OUT_DIR --val-fraction F [--val-seed S] [--val-out VAL_DIR]
     python dataset_tools/convert.py verify OUT_DIR          # re-check a converted split
 
 SRC is an ImageFolder, a tar of one, a CIFAR pickle folder/file or an HDF5
-file (see dataset_tools/sources.py). Items are decoded, validated, resized,
+file (see ``dataset_tools/sources/``). Items are decoded, validated, resized,
 encoded and hashed in ``--workers`` processes; the main process appends the
 results in sample order to the FFCV ``.beton`` files and the webdataset
 shards, so outputs are byte-identical whatever the worker count. Everything
