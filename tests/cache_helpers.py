@@ -49,3 +49,17 @@ class FakeTeacher:
 
     def fbatches(self, v: int, calls=None):
         return self.batches(v, calls, features=True)
+
+
+class Interrupt(Exception):
+    """Raised by :func:`interrupted_at` to stop a fill part-way."""
+
+
+def interrupted_at(view_batches, view: int, batch: int):
+    """``view_batches`` that raise :class:`Interrupt` at batch ``batch`` of view ``view``."""
+    def vb(v):
+        for i, item in enumerate(view_batches(v)):
+            if (v, i) == (view, batch):
+                raise Interrupt
+            yield item
+    return vb

@@ -17,7 +17,7 @@ import torch
 
 from trainer.distill.logit_cache import CacheError, LogitCache, fill_cache
 
-from cache_helpers import FakeTeacher
+from cache_helpers import FakeTeacher, Interrupt, interrupted_at
 
 N, K, C, B, D = 50, 3, 7, 8, 5
 
@@ -126,17 +126,8 @@ def test_feature_shape_and_return_type_errors(tmp_path):
 def test_parts_of_another_feature_dim_are_discarded(tmp_path):
     path = tmp_path / "c.h5"
 
-    class Interrupt(Exception):
-        pass
-
-    def interrupted(v):
-        for i, item in enumerate(batches(v)):
-            if i == 2:
-                raise Interrupt
-            yield item
-
     with pytest.raises(Interrupt):
-        fill_cache(path, key(), N, C, K, interrupted)  # logits-only parts on disk
+        fill_cache(path, key(), N, C, K, interrupted_at(batches, 0, 2))  # logits-only parts on disk
     calls = []
     fill_cache(path, key(), N, C, K, lambda v: fbatches(v, calls), dtype="float32", feature_dim=D)
     assert len(calls) == K * -(-N // B)  # nothing reused: those parts had no features
@@ -163,17 +154,8 @@ def test_missing_cache_and_wrong_class_count(tmp_path):
 def test_resume_skips_finished_parts(tmp_path):
     path = tmp_path / "c.h5"
 
-    class Interrupt(Exception):
-        pass
-
-    def interrupted(v):
-        for i, item in enumerate(fbatches(v)):
-            if v == 1 and i == 3:
-                raise Interrupt
-            yield item
-
     with pytest.raises(Interrupt):
-        fill_cache(path, key(), N, C, K, interrupted, feature_dim=D)
+        fill_cache(path, key(), N, C, K, interrupted_at(fbatches, 1, 3), feature_dim=D)
     assert not path.exists()  # nothing that looks complete
     calls = []
     fill_cache(path, key(), N, C, K, lambda v: fbatches(v, calls), feature_dim=D)
@@ -283,9 +265,6 @@ def test_sharded_fill_equals_one_process(tmp_path):
 
 def test_sharded_fill_resumes_its_ranks_parts(tmp_path):
     path, parts = tmp_path / "c.h5", tmp_path / "c.h5.parts"
-
-    class Interrupt(Exception):
-        pass
 
     def interrupted(v, rank, world):
         for i, item in enumerate(rank_batches(v, rank, world)):

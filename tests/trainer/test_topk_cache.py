@@ -21,7 +21,7 @@ from trainer.distill.teacher_cache import (fill_teacher_cache, open_teacher_cach
 from trainer.distill.topk_cache import (TopKCache, fill_time_kl, fill_topk_cache, reconstruct_logits,
                                         reconstruction_kl, summarize_rows, tail_log_mass)
 
-from cache_helpers import FakeTeacher
+from cache_helpers import FakeTeacher, Interrupt, interrupted_at
 
 N, K, C, B, D, TOPK = 40, 3, 12, 8, 5, 4
 
@@ -192,17 +192,9 @@ def test_temperature_is_applied_at_loss_time_for_both_formats(tmp_path):
 def test_resumed_fill_equals_an_uninterrupted_one(tmp_path, stop_view, stop_batch):
     path = tmp_path / "c.topk"
 
-    class Interrupt(Exception):
-        pass
-
-    def interrupted(v):
-        for i, item in enumerate(fbatches(v)):
-            if (v, i) == (stop_view, stop_batch):
-                raise Interrupt
-            yield item
-
     with pytest.raises(Interrupt):
-        fill_topk_cache(path, key(), N, C, K, interrupted, topk=TOPK, feature_dim=D)
+        fill_topk_cache(path, key(), N, C, K, interrupted_at(fbatches, stop_view, stop_batch),
+                        topk=TOPK, feature_dim=D)
     assert not path.exists()
     calls = []
     fill_topk_cache(path, key(), N, C, K, lambda v: fbatches(v, calls), topk=TOPK, feature_dim=D)
@@ -216,17 +208,8 @@ def test_resumed_fill_equals_an_uninterrupted_one(tmp_path, stop_view, stop_batc
 def test_parts_of_another_format_or_k_are_discarded(tmp_path):
     path = tmp_path / "c.topk"
 
-    class Interrupt(Exception):
-        pass
-
-    def interrupted(v):
-        for i, item in enumerate(batches(v)):
-            if i == 2:
-                raise Interrupt
-            yield item
-
     with pytest.raises(Interrupt):
-        fill_topk_cache(path, key(), N, C, K, interrupted, topk=TOPK + 1)
+        fill_topk_cache(path, key(), N, C, K, interrupted_at(batches, 0, 2), topk=TOPK + 1)
     calls = []
     fill_topk_cache(path, key(), N, C, K, lambda v: batches(v, calls), topk=TOPK)
     assert len(calls) == K * -(-N // B)
