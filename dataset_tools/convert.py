@@ -56,7 +56,7 @@ import functools
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 
@@ -67,10 +67,12 @@ from dataset_tools.convert_options import (WRITE_MODES, ConvertError, ConvertOpt
                                            default_split_name, val_split_name)
 from dataset_tools.errors import CqkdError, debug_enabled
 from dataset_tools.parallel import parallel_map
-from dataset_tools.part_writer import PartWriter
 from dataset_tools.progress import log_line, progress as progress_bar
 from dataset_tools.resume import RESUME_DIR, ResumeLog, conversion_key
 from dataset_tools.stores.layout import MANIFEST_NAME
+
+if TYPE_CHECKING:  # the writers import FFCV (~5 s of numba compiling): only when writing
+    from dataset_tools.part_writer import PartWriter
 
 
 @dataclass
@@ -228,6 +230,8 @@ def convert(src: os.PathLike | str, out_dir: os.PathLike | str, opts: ConvertOpt
 def _open_writers(parts: list, opts: ConvertOptions, low_side, source, ckpt, log, mismatch):
     """Each part's :class:`PartWriter`, continuing ``ckpt`` when there is one;
     files that do not match it (``mismatch``) -> start over. -> the checkpoint used."""
+    from dataset_tools.part_writer import PartWriter
+
     def open_all(ckpt) -> None:
         for part in parts:
             part.writer = PartWriter(part.staging.path, part.split, opts, part.capacity,
