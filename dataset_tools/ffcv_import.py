@@ -1,4 +1,4 @@
-"""FFCV without its side effect on torch's threads.
+"""FFCV without its side effects on torch's threads and on start-up time.
 
 ``ffcv.pipeline.compiler`` calls ``torch.set_num_threads(1)`` when it is
 imported, and ``Compiler.set_num_threads(n)`` (run by every FFCV ``Loader``
@@ -9,17 +9,28 @@ cores. Every project module that uses FFCV imports this module first; it
 imports FFCV once and puts torch's thread count back, and
 :func:`set_decode_threads` sets FFCV's (numba's) threads without touching
 torch's. ``tests/dataset_tools/test_ffcv_import.py`` checks that importing
-every project module and building an FFCV loader leave torch's threads alone.
+every project module and building an FFCV loader leave torch's threads alone
+(and that FFCV's image-mode table is the plain dict built here).
 """
 from __future__ import annotations
 
 import numba
+import numba.typed
 import torch
 
+# FFCV's one module-level numba typed Dict (``ffcv.fields.rgb_image.IMAGE_MODES``,
+# read and written only from Python) costs ~5 s of numba compiling in every
+# process that imports FFCV: each CLI command, torchrun rank and test
+# subprocess. It is built as a plain dict instead (same keys and values).
+_typed_dict = numba.typed.Dict
+numba.typed.Dict = dict
 _threads = torch.get_num_threads()
-from ffcv.pipeline.compiler import Compiler  # noqa: E402 (the import whose side effect is undone)
-
-torch.set_num_threads(_threads)
+try:
+    # (``ffcv/__init__`` imports ``ffcv.fields.rgb_image`` on the way)
+    from ffcv.pipeline.compiler import Compiler  # noqa: E402 (the import whose side effects are undone)
+finally:
+    numba.typed.Dict = _typed_dict
+    torch.set_num_threads(_threads)
 
 # FFCV's Compiler.compile wraps the same module-level functions (its
 # ``imdecode`` and ``memcpy``) in a fresh numba dispatcher for every Loader.

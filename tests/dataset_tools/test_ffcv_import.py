@@ -22,6 +22,8 @@ def test_converting_verifying_and_loading_keep_torch_threads(cifar_subset, tmp_p
         torch.set_num_threads(2)
         import dataset_tools.convert, dataset_tools.verify, pipelines.ffcv.loader, benchmarks.demo, trainer.jobs
         assert torch.get_num_threads() == 2, ("import", torch.get_num_threads())
+        from ffcv.fields.rgb_image import IMAGE_MODES  # not numba's typed Dict: ~5 s saved per process
+        assert type(IMAGE_MODES) is dict and IMAGE_MODES == {{"jpg": 0, "raw": 1}}, IMAGE_MODES
         from dataset_tools.convert import main as convert
         assert convert([{str(cifar_subset)!r}, {str(tmp_path / 'store')!r}, "--no-progress", "--workers", "1",
                         "--student-resolution", "16"]) == 0
