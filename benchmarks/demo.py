@@ -29,6 +29,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from dataset_tools.errors import CqkdError, exit_with_error
 from dataset_tools.atomic import write_json_atomic
 from dataset_tools.locate import shared_datasets_dir
@@ -51,15 +53,24 @@ STUDENTS = [
 ]
 
 
-def link_subset(src: Path, dst: Path, classes: int, per_class: int) -> Path:
-    """An ImageFolder of symlinks to the first ``classes`` x ``per_class`` files
-    (sorted), so a CPU-sized subset converts without copying the data."""
+def link_subset(src: Path, dst: Path, classes: int, per_class: int, seed: int = 0) -> Path:
+    """An ImageFolder of symlinks to ``per_class`` files of each of the first
+    ``classes`` classes (sorted), so a CPU-sized subset converts without
+    copying the data. The files are drawn at random (seeded by ``seed`` and
+    the class), not taken first by name: CIFAR's file names group images
+    collected together, so a name-ordered subset puts near-neighbours on both
+    sides of the train / val cut and its validation split scores higher than
+    the rest of the class (docs/results.md, "Calibrated students at scale")."""
     if dst.is_dir():
         return dst
     tmp = dst.with_name(dst.name + ".partial")
-    for cdir in sorted(p for p in src.iterdir() if p.is_dir())[:classes]:
+    for ci, cdir in enumerate(sorted(p for p in src.iterdir() if p.is_dir())[:classes]):
         (tmp / cdir.name).mkdir(parents=True, exist_ok=True)
-        for f in sorted(cdir.iterdir())[:per_class]:
+        files = sorted(cdir.iterdir())
+        if per_class < len(files):
+            pick = np.random.default_rng([seed, ci]).choice(len(files), per_class, replace=False)
+            files = [files[i] for i in sorted(pick)]
+        for f in files:
             link = tmp / cdir.name / f.name
             if not link.is_symlink():
                 link.symlink_to(f.resolve())
@@ -167,7 +178,7 @@ def prepare(cfg: Config, args, times: dict) -> dict:
         src = data / split
         if args.classes < 100 or args.per_class:
             per = args.per_class if split == "train" else 10**9
-            name = f"src_{split}_{args.classes}classes" + (f"_{per}each" if split == "train" else "")
+            name = f"src_{split}_{args.classes}classes" + (f"_{per}drawn" if split == "train" else "")
             src = link_subset(src, stores / name, args.classes, per or 10**9)
         info = timed(f"convert {split}", times, ensure_store, src, stores / split, split,
                      cfg.data.student_size, args.workers, args.val_fraction if split == "train" else 0.0)
@@ -230,11 +241,31 @@ def train_student(cfg: Config, tag: str, overrides: dict, times: dict) -> dict:
 
     scfg = with_overrides(replace(cfg, run=replace(cfg.run, tag=tag)), overrides)
     final = scfg.student_dir / "final.pt"
+    changed = recipe_changes(scfg) if final.is_file() else []
+    if changed:
+        print(f"{scfg.student_dir}: trained with another recipe ({'; '.join(changed)}): training again")
+        shutil.rmtree(scfg.student_dir)
     if not final.is_file():
         timed(f"distill {tag}", times, jobs.run_distill, scfg)
     ev = timed(f"evaluate {tag}", times, jobs.run_evaluate, scfg, str(final))
     ev["train_images_per_sec"] = median_train_rate(scfg.student_dir)
     return ev
+
+
+def recipe_changes(scfg: Config) -> list[str]:
+    """What differs between a finished student's resolved config and the one
+    this run would train (``loss.temperature: auto`` resolved through the
+    sweep, which is reused when current): a student is reused only if none."""
+    from trainer.run_record import CONFIG_NAME, result_differences
+    from trainer.yaml_config import read_yaml
+
+    saved = scfg.student_dir / CONFIG_NAME
+    if not saved.is_file():
+        return [f"no {CONFIG_NAME}"]
+    if scfg.loss.temperature == "auto" and scfg.distill.targets != "none":
+        from trainer.sweep import apply_choice, run_sweep
+        scfg = apply_choice(scfg, run_sweep(scfg))
+    return result_differences(read_yaml(saved.read_text()) or {}, scfg)
 
 
 def median_train_rate(run_dir: Path) -> float:

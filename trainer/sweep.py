@@ -20,7 +20,7 @@ narrowed to the half where the sign changes). Every refined run is scored
 like a grid run and competes under the same rule. With
 ``distill.calibrate_student`` every run's temperature is fitted on the
 validation split after training, so there is nothing to bisect: the grid
-alone runs, and each run competes with its cross-fitted validation ECE.
+alone runs.
 
 Choice rule: among the runs whose validation top-1 is within the tolerance
 of the best run's, the lowest validation ECE (ties:
@@ -32,6 +32,14 @@ errors of the best run's top-1 on the validation split, ``sqrt(p (1 - p) /
 n)``: the one-standard-error rule, so runs whose accuracy differs from the
 best by less than the validation split can resolve are not ruled out by
 noise (400 validation images give a standard error of ~2.5 points at 40 %).
+
+With ``distill.calibrate_student`` the rule is the lowest validation NLL of
+the calibrated student (ties: higher top-1, then lower T). Every calibrated
+student's ECE is then near the split's noise floor (its cross-fitted ECE,
+recorded as ``val_ece``, ranks them by noise: on 400 images it picked a run
+2 points less accurate), while the NLL after temperature scaling is a proper
+score that weighs accuracy and the calibration left, and is far less noisy
+than a binned ECE.
 
 ``runs/<name>/sweep/sweep.json`` records every run, the choice and the rule,
 and the sweep's cost next to what the same sweep would cost with the online
@@ -67,6 +75,8 @@ from trainer.yaml_config import flatten
 RULE = ("lowest validation ECE among the runs whose validation top-1 is within the tolerance of the "
         "best run's: max(sweep.top1_tolerance, sweep.top1_standard_errors x the binomial standard error "
         "of the best top-1 on the validation split) (ties: higher top-1, then lower T)")
+RULE_CALIBRATED = ("lowest validation NLL of the calibrated student (its temperature fitted on the "
+                   "validation split; ties: higher top-1, then lower T)")
 
 
 def tolerance(runs: list[dict], sweep_cfg) -> tuple[float, float]:
@@ -110,12 +120,15 @@ def next_refinement(runs: list[dict], objective: str, calibrated: bool) -> Optio
     return None
 
 
-def choose(runs: list[dict], tolerance: float) -> dict:
+def choose(runs: list[dict], tolerance: float, calibrated_students: bool = False) -> dict:
     """The rule of the module docstring on ``runs`` (each with ``val_top1``,
-    ``val_ece``, ``temperature``)."""
-    scored = [r for r in runs if math.isfinite(r["val_top1"]) and math.isfinite(r["val_ece"])]
+    ``val_ece``, ``temperature``; ``val_nll`` for calibrated students)."""
+    key = "val_nll" if calibrated_students else "val_ece"
+    scored = [r for r in runs if math.isfinite(r["val_top1"]) and math.isfinite(r.get(key, math.nan))]
     if not scored:
         raise ValueError("no sweep run produced finite validation metrics")
+    if calibrated_students:
+        return min(scored, key=lambda r: (r["val_nll"], -r["val_top1"], r["temperature"]))
     best = max(r["val_top1"] for r in scored)
     eligible = [r for r in scored if r["val_top1"] >= best - tolerance - 1e-12]
     return min(eligible, key=lambda r: (r["val_ece"], -r["val_top1"], r["temperature"]))
@@ -176,10 +189,12 @@ def run_sweep(cfg: Config) -> dict:
     from trainer.teacher import teacher_hash
 
     fp = recipe_fingerprint(cfg, teacher_hash(cfg))
+    by_nll = bool(cfg.distill.calibrate_student)
+    rule = RULE_CALIBRATED if by_nll else RULE
     if cfg.sweep_file.is_file():
         old = json.loads(cfg.sweep_file.read_text())
-        if old.get("recipe_fingerprint") == fp:
-            return old
+        if old.get("recipe_fingerprint") == fp and old.get("rule") == rule:
+            return old  # (another rule: the finished runs below are reused, the choice made again)
     points, runs, t_sweep = grid(cfg), [], time.perf_counter()
     if distributed.is_main():
         cfg.sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +217,8 @@ def run_sweep(cfg: Config) -> dict:
                 write_json_atomic(marker, {"recipe_fingerprint": fp, "run": run})
         if cfg.run.progress and distributed.is_main():
             log_line(f"sweep run {label} ({point['tag']}): val top-1 {run['val_top1']:.3f}, "
-                     f"val ECE {run['val_ece']:.3f}, over-confidence {gap(run):+.3f}, {run['seconds']:.0f} s")
+                     f"val ECE {run['val_ece']:.3f}, val NLL {run['val_nll']:.3f}, "
+                     f"over-confidence {gap(run):+.3f}, {run['seconds']:.0f} s")
         return run
 
     for i, point in enumerate(points, 1):
@@ -217,13 +233,16 @@ def run_sweep(cfg: Config) -> dict:
                     break
                 runs.append({**train(point, f"refine {k + 1}/{cfg.sweep.refine}"), "refined": True})
     images = sum(r["train_images"] for r in runs)
-    sweep_seconds = time.perf_counter() - t_sweep
+    # runs reused from an interrupted sweep (or re-chosen under a new rule) count
+    # the time they took when they were trained, not the moment it took to read them
+    sweep_seconds = max(time.perf_counter() - t_sweep, sum(r["seconds"] for r in runs))
     tol, se = tolerance(runs, cfg.sweep)
-    choice = choose(runs, tol)
-    result = {"recipe_fingerprint": fp, "rule": RULE, "top1_tolerance": tol, "top1_standard_error": se,
+    choice = choose(runs, tol, calibrated_students=by_nll)
+    result = {"recipe_fingerprint": fp, "rule": rule,
+              "top1_tolerance": tol, "top1_standard_error": se,
               "split": "val", "store": cfg.data.val_store, "epochs": cfg.sweep.epochs or cfg.optim.epochs,
               "runs": runs, "choice": {k: choice[k] for k in ("temperature", "objective", "calibrated",
-                                                              "tag", "val_top1", "val_ece")},
+                                                              "tag", "val_top1", "val_ece", "val_nll")},
               "cost": sweep_cost(cfg, sweep_seconds, images)}
     result["plot"] = str(cfg.sweep_dir / "sweep.png")
     if distributed.is_main():

@@ -19,6 +19,26 @@ def tiny_src(cifar_subset, tmp_path):
     return link_subset(cifar_subset, tmp_path / "src", 3, 4)
 
 
+def test_subset_is_drawn_seeded_from_the_whole_class(cifar_subset, tmp_path):
+    a = link_subset(cifar_subset, tmp_path / "a", 2, 3)
+    b = link_subset(cifar_subset, tmp_path / "b", 2, 3)
+    c = link_subset(cifar_subset, tmp_path / "c", 2, 3, seed=1)
+    classes = sorted(p for p in cifar_subset.iterdir() if p.is_dir())[:2]
+    assert sorted(p.name for p in a.iterdir()) == [d.name for d in classes]
+    picked = {}
+    for cdir in classes:
+        names = sorted(p.name for p in cdir.iterdir())
+        got = [sorted(p.name for p in (root / cdir.name).iterdir()) for root in (a, b, c)]
+        assert got[0] == got[1] and len(got[0]) == 3 and set(got[0]) <= set(names)
+        assert all((a / cdir.name / n).resolve() == (cdir / n).resolve() for n in got[0])
+        picked[cdir.name] = (got[0], got[2], names[:3])
+    assert any(g != first for g, _, first in picked.values())  # not the first 3 by name
+    assert any(g != g1 for g, g1, _ in picked.values())        # the seed matters
+    whole = link_subset(cifar_subset, tmp_path / "whole", 1, 10**9)
+    assert sorted(p.name for p in (whole / classes[0].name).iterdir()) == \
+        sorted(p.name for p in classes[0].iterdir())
+
+
 @pytest.fixture()
 def convert_calls(monkeypatch):
     """Counts calls of convert.py's main (ensure_store imports it when called)."""

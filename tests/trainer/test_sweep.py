@@ -92,3 +92,43 @@ def test_one_standard_error_rule():
     tol2, _ = sweep.tolerance(runs, SweepSection(top1_tolerance=0.01, top1_standard_errors=0.0))
     assert tol2 == 0.01 and sweep.choose(runs, tol2)["temperature"] == 1
     assert sweep.tolerance(runs, SweepSection(top1_tolerance=0.05, top1_standard_errors=1.0))[0] == 0.05
+
+
+def test_calibrated_students_are_chosen_by_validation_nll():
+    """After each student's own temperature is fitted, ECE sits at the noise
+    floor and would rank by noise: the lowest calibrated NLL wins instead."""
+    def r(t, top1, ece, nll):
+        return {"temperature": t, "val_top1": top1, "val_ece": ece, "val_nll": nll, "val_n": 400}
+
+    runs = [r(1, 0.36, 0.085, 2.10), r(2, 0.375, 0.053, 2.02), r(4, 0.357, 0.040, 2.08)]
+    assert sweep.choose(runs, 0.025)["temperature"] == 4  # the uncalibrated rule: lowest ECE in 1 SE
+    assert sweep.choose(runs, 0.025, calibrated_students=True)["temperature"] == 2
+    tie = [r(1, 0.36, 0.05, 2.0), r(2, 0.37, 0.06, 2.0), r(4, 0.37, 0.04, 2.0)]
+    assert sweep.choose(tie, 0.0, calibrated_students=True)["temperature"] == 2  # higher top-1, lower T
+    with pytest.raises(ValueError, match="finite"):
+        sweep.choose([r(1, 0.3, 0.1, float("nan"))], 0.01, calibrated_students=True)
+
+
+def test_a_calibrated_sweep_records_its_rule_and_a_changed_rule_rechooses_without_training(
+        fake_sweep, monkeypatch):
+    cfg, trained = fake_sweep
+    cfg = replace(cfg, distill=replace(cfg.distill, calibrate_student=True))
+    nll, base = {1.0: 2.3, 2.0: 2.1, 4.0: 2.2}, fake_student
+
+    def student(temperature, objective):  # the fixture's fit reads this module's fake_student
+        extra = 0.5 if objective == "teacher_smoothing" else 0.0
+        return {**base(temperature, objective), "val_nll": nll[temperature] + extra}
+
+    monkeypatch.setitem(globals(), "fake_student", student)
+    result = sweep.run_sweep(cfg)
+    assert len(result["runs"]) == 6 and not any(r.get("refined") for r in result["runs"])
+    assert result["rule"] == sweep.RULE_CALIBRATED
+    assert (result["choice"]["temperature"], result["choice"]["objective"]) == (2.0, "hinton")
+    assert result["choice"]["val_nll"] == pytest.approx(2.1)
+    # the same recipe under another rule: every run reused from its marker, the choice made again
+    record = json.loads(cfg.sweep_file.read_text())
+    cfg.sweep_file.write_text(json.dumps({**record, "rule": "an older rule", "choice": {}}))
+    n = len(trained)
+    again = sweep.run_sweep(cfg)
+    assert len(trained) == n and again["rule"] == sweep.RULE_CALIBRATED
+    assert again["choice"] == result["choice"]
