@@ -18,3 +18,16 @@ def make_cfg(stores, out_dir, **sections) -> Config:
     for name, kw in sections.items():
         setattr(cfg, name, replace(getattr(cfg, name), **kw))
     return cfg
+
+
+def copy_run_with_cache(cfg: Config, out_dir) -> Config:
+    """``cfg`` with its run folder moved to ``out_dir``, the same teacher
+    checkpoint, and a copy of its teacher cache (file and fill record)."""
+    import shutil
+
+    copy = replace(cfg, run=replace(cfg.run, out_dir=str(out_dir)),
+                   distill=replace(cfg.distill, teacher_checkpoint=str(cfg.teacher_checkpoint)))
+    copy.run.root.mkdir(parents=True)
+    for p in (cfg.cache_path, cfg.cache_path.with_suffix(".json")):
+        shutil.copy(p, copy.run.root / p.name)
+    return copy

@@ -356,16 +356,11 @@ def test_every_model_family_splits_at_its_global_pool(name):
 
 
 def test_the_demo_refills_a_cache_whose_maps_differ_from_what_a_fill_stores(teacher_run, tmp_path):
-    import shutil
-
     from benchmarks.demo import cache_is_current
+    from trainer_helpers import copy_run_with_cache
 
     cfg, *_ = teacher_run
-    copy = replace(cfg, run=replace(cfg.run, out_dir=str(tmp_path)),
-                   distill=replace(cfg.distill, teacher_checkpoint=str(cfg.teacher_checkpoint)))
-    copy.run.root.mkdir(parents=True)
-    for p in (cfg.cache_path, cfg.cache_path.with_suffix(".json")):
-        shutil.copy(p, copy.run.root / p.name)
+    copy = copy_run_with_cache(cfg, tmp_path)
     assert cache_is_current(copy)  # auto: the maps it has are the ones a fill stores
     assert not cache_is_current(replace(copy, distill=replace(copy.distill, cache_spatial="never")))
     assert not copy.cache_path.exists()  # removed, to be refilled without maps

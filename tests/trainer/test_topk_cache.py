@@ -371,17 +371,13 @@ def test_topk_cache_through_the_cache_job_and_the_trainer(teacher_run, tmp_path)
 
 
 def test_the_demo_finds_the_cache_of_the_resolved_format(teacher_run, tmp_path):
-    import shutil
     from dataclasses import replace
 
     from benchmarks.demo import cache_is_current
+    from trainer_helpers import copy_run_with_cache
 
     cfg, *_ = teacher_run
-    copy = replace(cfg, run=replace(cfg.run, out_dir=str(tmp_path)),
-                   distill=replace(cfg.distill, teacher_checkpoint=str(cfg.teacher_checkpoint)))
-    copy.run.root.mkdir(parents=True)
-    for p in (cfg.cache_path, cfg.cache_path.with_suffix(".json")):
-        shutil.copy(p, copy.run.root / p.name)
+    copy = copy_run_with_cache(cfg, tmp_path)
     assert cache_is_current(copy)  # auto resolves to dense on this small store
     assert not cache_is_current(replace(copy, distill=replace(copy.distill, cache_format="topk")))
     assert copy.cache_path.is_file()  # a missing top-k cache removes nothing
