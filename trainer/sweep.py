@@ -35,11 +35,10 @@ noise (400 validation images give a standard error of ~2.5 points at 40 %).
 
 With ``distill.calibrate_student`` the rule is the lowest validation NLL of
 the calibrated student (ties: higher top-1, then lower T). Every calibrated
-student's ECE is then near the split's noise floor (its cross-fitted ECE,
-recorded as ``val_ece``, ranks them by noise: on 400 images it picked a run
-2 points less accurate), while the NLL after temperature scaling is a proper
-score that weighs accuracy and the calibration left, and is far less noisy
-than a binned ECE.
+student's ECE is then near the split's noise floor, so ECE would rank them
+by noise, and can prefer a less accurate run; the NLL after temperature
+scaling is a proper score that weighs accuracy and the calibration left,
+and is far less noisy than a binned ECE.
 
 ``runs/<name>/sweep/sweep.json`` records every run, the choice and the rule,
 and the sweep's cost next to what the same sweep would cost with the online
@@ -167,9 +166,10 @@ def recipe_fingerprint(cfg: Config, teacher_hash: str) -> str:
 
 
 def _last_val(run_dir: Path) -> dict:
-    """The last epoch's validation metrics. A calibrated student
-    (``distill.calibrate_student``) competes with its cross-fitted ECE: the
-    temperature was fitted on the same split, so its own ECE there is optimistic."""
+    """The last epoch's validation metrics. For a calibrated student
+    (``distill.calibrate_student``) ``val_ece`` is its cross-fitted ECE (the
+    temperature was fitted on the same split, so its own ECE there is
+    optimistic; recorded and plotted) and ``val_nll`` the NLL it is chosen by."""
     rec = [json.loads(x) for x in (run_dir / "log.jsonl").read_text().splitlines() if x.strip()][-1]
     out = {k: float(rec.get(k, float("nan"))) for k in ("val_top1", "val_ece", "val_nll", "val_confidence",
                                                          "val_n")}
