@@ -38,6 +38,7 @@ import torch
 
 from dataset_tools.settings import check_choices, setting
 from pipelines.batch import Batch, MixParams
+from pipelines.kernels.mix_boxes import box_arrays, paste_boxes_nhwc
 
 MODES = ("none", "mixup", "cutmix", "cutout")
 PARTNERS = ("randperm", "flip")
@@ -134,25 +135,18 @@ def draw_partners(cfg: MixConfig, n: int, g: np.random.Generator) -> np.ndarray:
 
 
 def centered_boxes(box_h: np.ndarray, box_w: np.ndarray, height: int, width: int,
-                   g: np.random.Generator) -> np.ndarray:
+                   g: np.random.Generator):
     """Boxes of integer size ``box_h x box_w`` centred on a uniform pixel and
     clipped to the image (DeVries & Taylor's cutout, timm's ``rand_bbox``).
-    Returns int64 ``[n, 4]`` pixel edges ``(y0, x0, y1, x1)``, end exclusive."""
+    Returns ``(kept fraction float32 [n], normalized (y0, x0, h, w) float32
+    [n, 4], mask bool [n, 1, height, width])`` as tensors
+    (:func:`pipelines.kernels.mix_boxes.box_arrays`)."""
     n = box_h.shape[0]
-    edges = np.empty((n, 4), dtype=np.int64)
-    edges[:, 0] = g.integers(0, height, n) - box_h // 2
-    edges[:, 1] = g.integers(0, width, n) - box_w // 2
-    edges[:, 2] = edges[:, 0] + box_h
-    edges[:, 3] = edges[:, 1] + box_w
-    np.maximum(edges, 0, out=edges)
-    return np.minimum(edges, np.array([height, width, height, width]), out=edges)
-
-
-def edges_to_normalized(edges: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Pixel edges ``(y0, x0, y1, x1)`` -> normalized ``(y0, x0, h, w)`` float32."""
-    px = edges.astype(np.float64)
-    px[:, 2:] -= px[:, :2]
-    return (px / np.array([height, width, height, width], dtype=np.float64)).astype(np.float32)
+    centre_y = g.integers(0, height, n)
+    centre_x = g.integers(0, width, n)
+    _, normalized, kept, mask = box_arrays(box_h.astype(np.int64), box_w.astype(np.int64),
+                                           centre_y, centre_x, height, width)
+    return torch.from_numpy(kept), torch.from_numpy(normalized), torch.from_numpy(mask)
 
 
 def _round_half_up(x):
@@ -160,20 +154,6 @@ def _round_half_up(x):
     if isinstance(x, np.ndarray):
         return np.floor(x + 0.5).astype(np.int64)
     return torch.floor(x + 0.5).long()
-
-
-def _mask_np(edges: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """Bool ``[n, 1, height, width]``, True inside each box (NumPy broadcasting)."""
-    rows = np.arange(height).reshape(1, height, 1)
-    cols = np.arange(width).reshape(1, 1, width)
-    e = edges.reshape(-1, 4, 1, 1)
-    inside = (rows >= e[:, 0]) & (rows < e[:, 2]) & (cols >= e[:, 1]) & (cols < e[:, 3])
-    return torch.from_numpy(inside[:, None])
-
-
-def _kept_fraction_np(edges: np.ndarray, height: int, width: int) -> np.ndarray:
-    area = (edges[:, 2] - edges[:, 0]) * (edges[:, 3] - edges[:, 1])
-    return (1.0 - area.astype(np.float64) / (height * width)).astype(np.float32)
 
 
 def draw_params(cfg: MixConfig, seed: int, step: int, batch_size: int, height: int,
@@ -184,16 +164,13 @@ def draw_params(cfg: MixConfig, seed: int, step: int, batch_size: int, height: i
     g = generator_for(seed, step, rank)
     n = batch_size
     mode = choose_mode(cfg, g)
-    identity = torch.arange(n)
     if mode == "none":
-        return MixParams("none", identity, torch.ones(n))
+        return MixParams("none", torch.arange(n), torch.ones(n))
     if mode == "cutout":
         bh = np.full(n, max(1, int(np.floor(cfg.cutout_fraction * height + 0.5))), dtype=np.int64)
         bw = np.full(n, max(1, int(np.floor(cfg.cutout_fraction * width + 0.5))), dtype=np.int64)
-        edges = centered_boxes(bh, bw, height, width, g)
-        return MixParams("cutout", identity, torch.from_numpy(_kept_fraction_np(edges, height, width)),
-                         torch.from_numpy(edges_to_normalized(edges, height, width)),
-                         target_lam=torch.ones(n), mask=_mask_np(edges, height, width))
+        kept, boxes, mask = centered_boxes(bh, bw, height, width, g)
+        return MixParams("cutout", torch.arange(n), kept, boxes, target_lam=torch.ones(n), mask=mask)
     perm = draw_partners(cfg, n, g)
     alpha = cfg.mixup_alpha if mode == "mixup" else cfg.cutmix_alpha
     lam = sample_beta(alpha, n if cfg.per_sample_lambda else 1, g)
@@ -203,10 +180,9 @@ def draw_params(cfg: MixConfig, seed: int, step: int, batch_size: int, height: i
     # CutMix: box side sqrt(1 - lam) of the image side, then lam corrected to
     # the true (rounded, clipped) pasted area.
     cut = np.sqrt(1.0 - lam.astype(np.float64))
-    edges = centered_boxes(_round_half_up(cut * height), _round_half_up(cut * width), height, width, g)
-    return MixParams("cutmix", torch.from_numpy(perm), torch.from_numpy(_kept_fraction_np(edges, height, width)),
-                     torch.from_numpy(edges_to_normalized(edges, height, width)),
-                     mask=_mask_np(edges, height, width))
+    kept, boxes, mask = centered_boxes(_round_half_up(cut * height), _round_half_up(cut * width),
+                                       height, width, g)
+    return MixParams("cutmix", torch.from_numpy(perm), kept, boxes, mask=mask)
 
 
 # ------------------------------------------------------------- applying (device)
@@ -295,7 +271,15 @@ def cutmix_images(x: torch.Tensor, perm: torch.Tensor, boxes: torch.Tensor,
                   grid_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Paste ``x[perm]`` into each sample's box (boxes drawn on ``grid_hw``,
     default: ``x``'s own size; ``grid_mask``: the same boxes as a mask there)."""
-    return torch.where(_view_mask(x, boxes, grid_hw, grid_mask), x[perm], x)
+    mask = _view_mask(x, boxes, grid_hw, grid_mask)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and mask.device.type == "cpu" \
+            and x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:
+        # channels-last on the CPU: one compiled pass (see paste_boxes_nhwc)
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        paste_boxes_nhwc(x.permute(0, 2, 3, 1).numpy(), perm.numpy(), mask.numpy(),
+                         out.permute(0, 2, 3, 1).numpy())
+        return out
+    return torch.where(mask, x[perm], x)
 
 
 def cutout_images(x: torch.Tensor, boxes: torch.Tensor,
@@ -309,10 +293,15 @@ def cutout_images(x: torch.Tensor, boxes: torch.Tensor,
 def params_to(params: MixParams, device: torch.device) -> MixParams:
     """Move the (small) parameter tensors, pinned when the target is CUDA so
     the copy is truly asynchronous."""
+    device = torch.device(device)
+    tensors = (params.perm, params.lam, params.boxes, params.target_lam, params.mask)
+    if all(t is None or t.device == device for t in tensors):
+        return params  # nothing to move (the CPU case): no copy of the dataclass either
+
     def move(t):
-        if t is None or t.device == torch.device(device):
+        if t is None or t.device == device:
             return t
-        if t.device.type == "cpu" and torch.device(device).type == "cuda":
+        if t.device.type == "cpu" and device.type == "cuda":
             t = t.pin_memory()
         return t.to(device, non_blocking=True)
 
@@ -359,14 +348,30 @@ def apply_mix(batch: Batch, params: MixParams) -> Batch:
 
 class Mixer:
     """``mixer(batch, step) -> Batch``: reproducible per ``(seed, step)`` (and
-    the torchrun ``rank``, see :func:`generator_for`)."""
+    the torchrun ``rank``, see :func:`generator_for`).
 
-    def __init__(self, cfg: MixConfig, seed: int, rank: int = 0):
+    The draws of the next ``ahead`` steps are made together, once per
+    ``ahead`` steps: each is still :func:`draw_params` of its own step (the
+    same numbers), but ~30 draws in a row run ~3x faster per draw than one
+    between two model steps, whose forward and backward leave Python's and
+    NumPy's code and data cold (one draw measured 0.35 ms inside the demo's
+    CutMix loop against 0.11 ms in a row). ``ahead`` is capped so the held
+    masks stay under ~8 MB."""
+
+    def __init__(self, cfg: MixConfig, seed: int, rank: int = 0, ahead: int = 32):
         self.cfg, self.seed, self.rank = cfg, int(seed), int(rank)
+        self.ahead = max(1, int(ahead))
+        self._drawn: dict[tuple[int, int, int, int], MixParams] = {}
 
     def params(self, batch: Batch, step: int) -> MixParams:
         h, w = batch.student.shape[-2:]
-        return draw_params(self.cfg, self.seed, step, len(batch), h, w, self.rank)
+        key = (step, len(batch), h, w)
+        if key not in self._drawn:
+            ahead = min(self.ahead, max(1, (8 << 20) // max(1, len(batch) * h * w)))
+            self._drawn = {(s, len(batch), h, w): draw_params(self.cfg, self.seed, s, len(batch), h, w,
+                                                              self.rank)
+                           for s in range(step, step + ahead)}
+        return self._drawn.pop(key)
 
     def __call__(self, batch: Batch, step: int) -> Batch:
         return apply_mix(batch, self.params(batch, step))

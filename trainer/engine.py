@@ -78,8 +78,11 @@ class Trainer:
                                      num_samples=self.train_loader.store.num_samples).to(self.device)
         params = list(self.model.parameters()) + list(self.criterion.parameters())
         o = cfg.optim
+        # fused: one kernel per step for all parameters instead of ~5 ops per
+        # tensor (0.43 -> 0.13 ms of a ~18 ms resnet8 step on two CPU cores)
         self.optimizer = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                         weight_decay=o.weight_decay)
+                                         weight_decay=o.weight_decay,
+                                         fused=self.device.type in ("cpu", "cuda"))
         self.steps_per_epoch = max(1, len(self.train_loader))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.mixer = Mixer(cfg.mix, cfg.run.seed, rank=process_rank()) if rc.mixing else None

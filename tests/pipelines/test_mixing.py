@@ -7,6 +7,7 @@ scaling is checked against exact rational arithmetic (fractions.Fraction).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from fractions import Fraction
 
 import pytest
@@ -308,6 +309,26 @@ def test_channels_last_preserved():
         assert out.student.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("hw, teacher_hw", [((16, 16), (32, 32)), ((7, 13), (20, 30))])
+def test_channels_last_cpu_cutmix_equals_torch_where(hw, teacher_hw):
+    """The compiled channels-last paste on the CPU (pipelines.kernels.mix_boxes)
+    against the contiguous-format path (torch.where), on both views, pixel for
+    pixel, over many draws."""
+    B = 24
+    g = torch.Generator().manual_seed(0)
+    for step in range(10):
+        student = torch.randn(B, 3, *hw, generator=g)
+        teacher = torch.randn(B, 3, *teacher_hw, generator=g)
+        params = draw_params(CUTMIX, 5, step, B, *hw)
+        plain = apply_mix(replace(make_batch(B=B, hw=hw, coded=False), student=student, teacher=teacher), params)
+        fast = apply_mix(replace(make_batch(B=B, hw=hw, coded=False),
+                                 student=student.contiguous(memory_format=torch.channels_last),
+                                 teacher=teacher.contiguous(memory_format=torch.channels_last)), params)
+        assert fast.student.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(fast.student, plain.student) and torch.equal(fast.teacher, plain.teacher)
+        assert not torch.equal(fast.student, student)  # something was pasted
+
+
 # ---------------------------------------------------------------- targets
 
 @pytest.mark.parametrize("cfg", [MIXUP, CUTMIX], ids=["mixup", "cutmix"])
@@ -320,11 +341,11 @@ def test_mix_targets_one_hot_and_teacher_probs(cfg):
     oh = torch.nn.functional.one_hot(batch.labels, C).float()
     mixed = out.one_hot(C)
     lam = m.lam.view(-1, 1)
-    assert torch.equal(mixed, lam * oh + (1 - lam) * oh[m.perm])
+    torch.testing.assert_close(mixed, lam * oh + (1 - lam) * oh[m.perm], rtol=0, atol=1e-7)
     assert torch.allclose(mixed.sum(1), torch.ones(B), rtol=0, atol=1e-6)
     probs = torch.softmax(torch.randn(B, C, generator=torch.Generator().manual_seed(1)), 1)
     mp = m.mix_targets(probs)
-    assert torch.equal(mp, lam * probs + (1 - lam) * probs[m.perm])
+    torch.testing.assert_close(mp, lam * probs + (1 - lam) * probs[m.perm], rtol=0, atol=1e-7)
     assert torch.allclose(mp.sum(1), torch.ones(B), rtol=0, atol=1e-6)
 
 

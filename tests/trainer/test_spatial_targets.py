@@ -21,7 +21,7 @@ from torch import nn
 from pipelines.batch import MixParams
 from pipelines.mixing import MixConfig, draw_params
 from trainer.distill.logit_cache import CacheError, CacheKey, LogitCache, fill_cache
-from trainer.distill.spatial import SpatialHead, cell_fractions, compose_cutmix
+from trainer.distill.spatial import SpatialHead, cell_fractions, compose_cutmix, mix_fractions
 from trainer.distill.targets import CachedTargets
 from trainer.distill.teacher_cache import plan_fill, stores_spatial
 from trainer.models import create_model
@@ -73,6 +73,10 @@ def test_cell_fractions_are_the_box_area_in_each_cell(side):
     torch.testing.assert_close(cell_fractions(params.boxes, 4), F.adaptive_avg_pool2d(fine, 4))
     if side % 4 == 0:  # the student grid divides by the cell grid: the pooled mask itself
         torch.testing.assert_close(cell_fractions(params.boxes, 4), F.adaptive_avg_pool2d(params.mask.float(), 4))
+    # what the targets use (the pooled mask where the grid divides, else the box formula)
+    torch.testing.assert_close(mix_fractions(params, 4), F.adaptive_avg_pool2d(fine, 4))
+    no_mask = MixParams("cutmix", params.perm, params.lam, params.boxes)
+    torch.testing.assert_close(mix_fractions(no_mask, 4), F.adaptive_avg_pool2d(fine, 4))
 
 
 def test_composed_targets_equal_a_hand_computation():
@@ -91,7 +95,8 @@ def test_composed_targets_equal_a_hand_computation():
     probs, emb = CachedTargets(cache, t, "spatial", need_features=True, head=SpatialHead(teacher))(rows(2, mix))
     torch.testing.assert_close(probs, want)
     torch.testing.assert_close(emb, torch.tensor([[emb0, -emb0], [emb1, -emb1]]))  # the pooled composed map
-    torch.testing.assert_close(compose_cutmix(cells, mix.perm, boxes)[0, 0], torch.tensor([[5.0, 2.0], [3.0, 4.0]]))
+    torch.testing.assert_close(compose_cutmix(cells, mix.perm, mix_fractions(mix, 2))[0, 0],
+                               torch.tensor([[5.0, 2.0], [3.0, 4.0]]))
 
 
 def test_without_cutmix_the_targets_are_the_plain_cached_ones():

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 import torch
 
 from trainer.distill.kd import teacher_probs
-from trainer.distill.spatial import compose_cutmix
+from trainer.distill.spatial import compose_cutmix, mix_fractions
 
 MIX_MODES = ("auto", "spatial", "logits", "probs")
 
@@ -84,7 +84,7 @@ class CachedTargets:
     @torch.no_grad()
     def _composed(self, batch):
         cells = self.cache.lookup_spatial(batch.indices, batch.view_ids)
-        emb, logits = self.head(compose_cutmix(cells, batch.mix.perm, batch.mix.boxes))
+        emb, logits = self.head(compose_cutmix(cells, batch.mix.perm, mix_fractions(batch.mix, cells.shape[-1])))
         return teacher_probs(logits.float(), self.temperature), (emb.float() if self.need_features else None)
 
 

@@ -1,0 +1,66 @@
+"""CutMix / cutout on the CPU as compiled loops: the box arrays of one batch, and the channels-last paste.
+
+Why by hand: the arithmetic is a few integer operations per sample, but as
+NumPy it is ~15 array calls (clip the centred boxes, normalize, kept
+fraction, the mask's outer product), each paying microseconds of dispatch:
+~100 us of a ~190 us draw per step on the demo's 16 px student, which runs
+at ~18 ms per step on two CPU cores. One numba loop does the same in a few
+microseconds, in the same float64-then-float32 arithmetic (the boxes, kept
+fractions and masks are checked against independent oracles in
+tests/pipelines/test_mixing.py).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True)
+def box_arrays(box_h, box_w, centre_y, centre_x, height, width):
+    """Boxes of ``box_h x box_w`` pixels centred on ``(centre_y, centre_x)``,
+    clipped to the ``height x width`` grid. Returns ``(edges int64 [n, 4]``
+    pixel edges ``(y0, x0, y1, x1)`` end exclusive, ``normalized float32
+    [n, 4]`` ``(y0, x0, h, w) / (height, width, height, width)``, ``kept
+    float32 [n]`` the fraction of pixels outside the box, ``mask bool [n, 1,
+    height, width]`` True inside)."""
+    n = box_h.shape[0]
+    edges = np.empty((n, 4), dtype=np.int64)
+    normalized = np.empty((n, 4), dtype=np.float32)
+    kept = np.empty(n, dtype=np.float32)
+    mask = np.zeros((n, 1, height, width), dtype=np.bool_)
+    for i in range(n):
+        y0 = centre_y[i] - box_h[i] // 2
+        x0 = centre_x[i] - box_w[i] // 2
+        y1 = min(max(y0 + box_h[i], 0), height)
+        x1 = min(max(x0 + box_w[i], 0), width)
+        y0 = min(max(y0, 0), height)
+        x0 = min(max(x0, 0), width)
+        edges[i, 0], edges[i, 1], edges[i, 2], edges[i, 3] = y0, x0, y1, x1
+        normalized[i, 0] = np.float32(float(y0) / height)
+        normalized[i, 1] = np.float32(float(x0) / width)
+        normalized[i, 2] = np.float32(float(y1 - y0) / height)
+        normalized[i, 3] = np.float32(float(x1 - x0) / width)
+        kept[i] = np.float32(1.0 - float((y1 - y0) * (x1 - x0)) / (height * width))
+        for r in range(y0, y1):
+            for c in range(x0, x1):
+                mask[i, 0, r, c] = True
+    return edges, normalized, kept, mask
+
+
+@numba.njit(cache=True, nogil=True)
+def paste_boxes_nhwc(x, perm, mask, out):
+    """``out[i] = where(mask[i], x[perm[i]], x[i])`` for channels-last images
+    ``x``/``out`` ``[n, h, w, c]`` and a mask ``[n, 1, h, w]``, pixel by
+    pixel. On the CPU, ``torch.where`` broadcasting a ``[n, 1, h, w]`` mask
+    over channels-last images walks the channel axis with a zero stride:
+    with the partner gather, ~165 us for a 64 x 3 x 16 x 16 batch on two
+    cores, against ~50 us here. Tested equal to ``torch.where`` in
+    tests/pipelines/test_mixing.py."""
+    n, h, w, c = x.shape
+    for i in range(n):
+        j = perm[i]
+        for r in range(h):
+            for q in range(w):
+                src = j if mask[i, 0, r, q] else i
+                for k in range(c):
+                    out[i, r, q, k] = x[src, r, q, k]
