@@ -143,18 +143,12 @@ def phase_result(result: dict, log: Path, seconds: float, peak_mb: float, plain:
 def plain_rates(cfg, role: str, num_classes: int, repeats: int = 3) -> list[float]:
     """``repeats`` blocks of the plain loop for ``role``'s model and input
     (see module docstring); with the online teacher, its forward included."""
-    import torch
+    from benchmarks.loop_efficiency import plain_loop_for
 
-    from benchmarks.loop_efficiency import plain_loop_block_rates
-
-    d, m = cfg.data, cfg.model
-    teacher = (m.teacher, d.teacher_resolution, m.teacher_low_res_stem)
-    arch, res, stem = teacher if role == "teacher" else (m.student, d.student_size, m.student_low_res_stem)
-    online = teacher if role == "student" and cfg.distill.targets == "online" else None
-    device = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
-    return plain_loop_block_rates(arch, num_classes, d.batch_size, res, low_res_stem=stem,
-                                  channels_last=d.channels_last, device=device, warmup=5, steps=20,
-                                  repeats=repeats, teacher=online)
+    loop = plain_loop_for(cfg, role, num_classes)
+    for _ in range(5):
+        loop.step()
+    return [loop.block_rate(20) for _ in range(repeats)]
 
 
 def run(s: E2ESettings, data: Path) -> dict:

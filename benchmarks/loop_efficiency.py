@@ -25,44 +25,72 @@ def plain_loop_images_per_sec(*args, **kwargs) -> float:
     return statistics.median(plain_loop_block_rates(*args, **kwargs))
 
 
+class PlainLoop:
+    """The plain loop of one model (see module docstring), built once so it
+    can run timed blocks between a job's epochs (:func:`paired_efficiency`)."""
+
+    def __init__(self, arch: str, num_classes: int, batch_size: int, resolution: int, *,
+                 low_res_stem: bool = True, channels_last: bool = False, device="cpu", seed: int = 0,
+                 teacher: Optional[tuple[str, int, bool]] = None):
+        from trainer.models import create_model
+
+        torch.manual_seed(seed)
+        self.device, self.batch_size = torch.device(device), batch_size
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = create_model(arch, num_classes, low_res_stem=low_res_stem).to(
+            self.device, memory_format=fmt).train()
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.x = torch.randn(batch_size, 3, resolution, resolution, device=self.device).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, num_classes, (batch_size,), device=self.device)
+        self.teacher = None
+        if teacher is not None:
+            t_arch, t_res, t_stem = teacher
+            self.teacher = create_model(t_arch, num_classes, low_res_stem=t_stem).to(
+                self.device, memory_format=fmt).eval()
+            self.t_x = torch.randn(batch_size, 3, t_res, t_res, device=self.device).contiguous(memory_format=fmt)
+
+    def step(self) -> None:
+        if self.teacher is not None:
+            with torch.no_grad():
+                self.teacher(self.t_x)
+        loss = torch.nn.functional.cross_entropy(self.model(self.x), self.y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def block_rate(self, steps: int) -> float:
+        """Images/sec of ``steps`` steps in a row."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * self.batch_size / (time.perf_counter() - t0)
+
+
 def plain_loop_block_rates(arch: str, num_classes: int, batch_size: int, resolution: int, *,
                            low_res_stem: bool = True, channels_last: bool = False, device="cpu",
                            warmup: int = 3, steps: int = 10, repeats: int = 3, seed: int = 0,
                            teacher: Optional[tuple[str, int, bool]] = None) -> list[float]:
     """Images/sec of each of ``repeats`` timed blocks of the plain loop (see module docstring)."""
-    from trainer.models import create_model
-
-    torch.manual_seed(seed)
-    device = torch.device(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = create_model(arch, num_classes, low_res_stem=low_res_stem).to(device, memory_format=fmt).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(batch_size, 3, resolution, resolution, device=device).contiguous(memory_format=fmt)
-    y = torch.randint(0, num_classes, (batch_size,), device=device)
-    if teacher is not None:
-        t_arch, t_res, t_stem = teacher
-        t_model = create_model(t_arch, num_classes, low_res_stem=t_stem).to(device, memory_format=fmt).eval()
-        t_x = torch.randn(batch_size, 3, t_res, t_res, device=device).contiguous(memory_format=fmt)
-
-    def step():
-        if teacher is not None:
-            with torch.no_grad():
-                t_model(t_x)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    loop = PlainLoop(arch, num_classes, batch_size, resolution, low_res_stem=low_res_stem,
+                     channels_last=channels_last, device=device, seed=seed, teacher=teacher)
     for _ in range(warmup):
-        step()
-    rates = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rates.append(steps * batch_size / (time.perf_counter() - t0))
-    return rates
+        loop.step()
+    return [loop.block_rate(steps) for _ in range(repeats)]
+
+
+def plain_loop_for(cfg, role: str, num_classes: int, device=None) -> PlainLoop:
+    """The plain loop of a recipe's ``role`` ("teacher" or "student"): its
+    model, batch size, resolution, stem and memory format; a student taught
+    by the online teacher gets the teacher's forward too."""
+    d, m = cfg.data, cfg.model
+    teacher = (m.teacher, d.teacher_resolution, m.teacher_low_res_stem)
+    arch, res, stem = teacher if role == "teacher" else (m.student, d.student_size, m.student_low_res_stem)
+    online = teacher if role == "student" and cfg.distill.targets == "online" else None
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu"
+    return PlainLoop(arch, num_classes, d.batch_size, res, low_res_stem=stem, channels_last=d.channels_last,
+                     device=device, teacher=online)

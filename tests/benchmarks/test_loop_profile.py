@@ -27,3 +27,21 @@ def test_phases_cover_the_epoch(teacher_run, kind, capsys):
     assert cfg.teacher_checkpoint.stat().st_mtime_ns == before
     print_table([row])
     assert kind in capsys.readouterr().out
+
+
+def test_paired_efficiency_pairs_each_epoch_with_a_plain_block(teacher_run, capsys):
+    from benchmarks.loop_pairs import paired_efficiency
+    from benchmarks.loop_pairs import print_table as print_pairs
+
+    cfg, *_ = teacher_run
+    before = cfg.teacher_checkpoint.stat().st_mtime_ns
+    row = paired_efficiency(cfg, "kd_cutmix", rounds=3)
+    assert row["role"] == "student" and row["rounds"] == 3 and row["steps_per_epoch"] > 0
+    assert len(row["job_images_per_sec"]) == len(row["plain_images_per_sec"]) == len(row["ratios"]) == 3
+    for ratio, job, plain in zip(row["ratios"], row["job_images_per_sec"], row["plain_images_per_sec"]):
+        assert job > 0 and plain > 0 and ratio == pytest.approx(job / plain)
+    eff = row["loop_efficiency"]
+    assert eff["min"] <= eff["median"] <= eff["max"] and eff["median"] == sorted(row["ratios"])[1]
+    assert cfg.teacher_checkpoint.stat().st_mtime_ns == before
+    print_pairs([row])
+    assert "kd_cutmix" in capsys.readouterr().out
