@@ -104,12 +104,12 @@ def _sweep_lines(sw: dict, root: Path) -> list[str]:
     ch = sw["choice"]
     lines = ["## The temperature sweep (validation split)", "",
              f"![sweep]({os.path.relpath(sweep_plot(sw, root), root)})", "",
-             "| objective | calibrated teacher | T | val top-1 | val ECE |", "|---|---|---|---|---|"]
+             "| objective | calibrated teacher | T | val top-1 | val ECE | val NLL |", "|---|---|---|---|---|---|"]
     for r in sw["runs"]:
         star = " **(chosen)**" if r["tag"] == ch["tag"] else ""
         lines.append(f"| {r['objective']}{star} | {r['calibrated']} | {r['temperature']:g} | "
-                     f"{r['val_top1']:.3f} | {r['val_ece']:.3f} |")
-    return lines + [""]
+                     f"{r['val_top1']:.3f} | {r['val_ece']:.3f} | {r.get('val_nll', float('nan')):.3f} |")
+    return lines + ["", f"Rule: {sw['rule']}." if sw.get("rule") else ""]
 
 
 def write_report(root: Path, summary: dict) -> Path:

@@ -9,7 +9,13 @@ Two halves, so the apply path never waits on the device:
 2. :func:`apply_mix` moves those few numbers to the batch's device
    (``non_blocking``) and mixes the student view, the teacher view (if any)
    with masks built from broadcast comparisons of ``arange`` grids against the
-   box edges: batched tensor ops, no per-sample loop, no ``.item()``.
+   box edges: batched tensor ops, no per-sample loop, no ``.item()``. (On the
+   CPU, CutMix of channels-last images is one compiled pass instead,
+   :func:`pipelines.kernels.mix_boxes.paste_boxes_nhwc`: the same pixels.)
+
+The box arithmetic of a draw runs in one compiled call
+(:func:`pipelines.kernels.mix_boxes.box_arrays`), and :class:`Mixer` draws a
+few dozen steps ahead; both only to save per-step dispatch on small batches.
 
 Boxes (CutMix, cutout) are drawn in integer pixels on the student grid
 ``(h, w)`` (the lower resolution) and stored in :class:`MixParams` normalized,
@@ -19,7 +25,7 @@ edge is ``round_half_up(edge_px * H / h)``, done in integer arithmetic. When
 kept fraction is identical on both views. Otherwise the teacher's box can be
 up to half a teacher pixel off on each edge, so its kept fraction can differ
 from ``lam`` by at most :func:`teacher_lam_bound` (``< 1/H + 1/W + 1/(H*W)``;
-checked in tests/test_mixing.py, measured maxima in docs/design/loaders.md).
+checked in tests/pipelines/test_mixing.py, measured maxima in docs/design/loaders.md).
 :func:`kept_fraction` gives the teacher's exact value if it is needed. ``lam``
 is always the exact kept fraction on the student grid (after clipping),
 ``1 - box_pixels / (h * w)``, as in timm's ``correct_lam``.
@@ -135,7 +141,7 @@ def draw_partners(cfg: MixConfig, n: int, g: np.random.Generator) -> np.ndarray:
 
 
 def centered_boxes(box_h: np.ndarray, box_w: np.ndarray, height: int, width: int,
-                   g: np.random.Generator):
+                   g: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Boxes of integer size ``box_h x box_w`` centred on a uniform pixel and
     clipped to the image (DeVries & Taylor's cutout, timm's ``rand_bbox``).
     Returns ``(kept fraction float32 [n], normalized (y0, x0, h, w) float32
@@ -144,8 +150,8 @@ def centered_boxes(box_h: np.ndarray, box_w: np.ndarray, height: int, width: int
     n = box_h.shape[0]
     centre_y = g.integers(0, height, n)
     centre_x = g.integers(0, width, n)
-    _, normalized, kept, mask = box_arrays(box_h.astype(np.int64), box_w.astype(np.int64),
-                                           centre_y, centre_x, height, width)
+    normalized, kept, mask = box_arrays(box_h.astype(np.int64), box_w.astype(np.int64),
+                                        centre_y, centre_x, height, width)
     return torch.from_numpy(kept), torch.from_numpy(normalized), torch.from_numpy(mask)
 
 

@@ -18,13 +18,11 @@ import numpy as np
 @numba.njit(cache=True)
 def box_arrays(box_h, box_w, centre_y, centre_x, height, width):
     """Boxes of ``box_h x box_w`` pixels centred on ``(centre_y, centre_x)``,
-    clipped to the ``height x width`` grid. Returns ``(edges int64 [n, 4]``
-    pixel edges ``(y0, x0, y1, x1)`` end exclusive, ``normalized float32
+    clipped to the ``height x width`` grid. Returns ``(normalized float32
     [n, 4]`` ``(y0, x0, h, w) / (height, width, height, width)``, ``kept
     float32 [n]`` the fraction of pixels outside the box, ``mask bool [n, 1,
     height, width]`` True inside)."""
     n = box_h.shape[0]
-    edges = np.empty((n, 4), dtype=np.int64)
     normalized = np.empty((n, 4), dtype=np.float32)
     kept = np.empty(n, dtype=np.float32)
     mask = np.zeros((n, 1, height, width), dtype=np.bool_)
@@ -35,7 +33,6 @@ def box_arrays(box_h, box_w, centre_y, centre_x, height, width):
         x1 = min(max(x0 + box_w[i], 0), width)
         y0 = min(max(y0, 0), height)
         x0 = min(max(x0, 0), width)
-        edges[i, 0], edges[i, 1], edges[i, 2], edges[i, 3] = y0, x0, y1, x1
         normalized[i, 0] = np.float32(float(y0) / height)
         normalized[i, 1] = np.float32(float(x0) / width)
         normalized[i, 2] = np.float32(float(y1 - y0) / height)
@@ -44,7 +41,7 @@ def box_arrays(box_h, box_w, centre_y, centre_x, height, width):
         for r in range(y0, y1):
             for c in range(x0, x1):
                 mask[i, 0, r, c] = True
-    return edges, normalized, kept, mask
+    return normalized, kept, mask
 
 
 @numba.njit(cache=True, nogil=True)

@@ -39,7 +39,7 @@ def fake_model(root: Path, name: str, scale: float, seed: int) -> dict:
 
 def sweep_result(root: Path) -> dict:
     runs = [{"objective": o, "calibrated": c, "temperature": t, "tag": f"sweep/{o}{'_cal' if c else ''}_T{t:g}",
-             "val_top1": 0.5 + 0.01 * t, "val_ece": 0.1 / t + (0.02 if c else 0.0)}
+             "val_top1": 0.5 + 0.01 * t, "val_ece": 0.1 / t + (0.02 if c else 0.0), "val_nll": 2.0 + 0.1 * t}
             for o in ("hinton", "teacher_smoothing") for c in (False, True) for t in (1.0, 2.0, 4.0)]
     choice = min(runs, key=lambda r: r["val_ece"])
     return {"runs": runs, "choice": choice, "rule": "lowest val ECE", "epochs": 2,
@@ -72,7 +72,8 @@ def test_report_figures_exist_and_are_linked(tmp_path):
         assert (tmp_path / name).read_bytes().startswith(PNG), name
         assert name in links(md), name
     assert "## The temperature sweep (validation split)" in md
-    assert "| hinton **(chosen)** | False | 4 |" in md
+    assert "| hinton **(chosen)** | False | 4 | 0.540 | 0.025 | 2.400 |" in md  # with the NLL the rule may use
+    assert "Rule: lowest val ECE." in md
     assert "Not drawn" not in md
 
 

@@ -269,6 +269,20 @@ def test_reproducible_and_input_untouched(device, cfg):
         Mixer(cfg, seed=11)(a, step=5)
 
 
+def test_draws_made_ahead_are_each_steps_own():
+    """The mixer draws several steps at once; whatever order steps come in
+    (a resume jumps, the last batch is smaller), each step's parameters are
+    draw_params of that step."""
+    mixer = Mixer(MixConfig(p_mixup=0.3, p_cutmix=0.4, p_cutout=0.2), seed=4, ahead=8)
+    full, last = make_batch(B=6, hw=(8, 8)), make_batch(B=5, hw=(8, 8))
+    for step, batch in ((0, full), (1, full), (7, full), (8, full), (3, full), (9, last), (10, full), (40, full)):
+        got, want = mixer.params(batch, step), draw_params(mixer.cfg, 4, step, len(batch), 8, 8)
+        assert got.mode == want.mode, step
+        for name in ("perm", "lam", "boxes", "target_lam", "mask"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None and b is None) or torch.equal(a, b), (step, name)
+
+
 def test_torchrun_ranks_draw_their_own_params():
     """Rank 0 draws what one process draws; other ranks draw their own
     (reproducibly), so the global batch is not one draw repeated per rank."""
