@@ -9,9 +9,7 @@ Two halves, so the apply path never waits on the device:
 2. :func:`apply_mix` moves those few numbers to the batch's device
    (``non_blocking``) and mixes the student view, the teacher view (if any)
    with masks built from broadcast comparisons of ``arange`` grids against the
-   box edges: batched tensor ops, no per-sample loop, no ``.item()``. (On the
-   CPU, CutMix of channels-last images is one compiled pass instead,
-   :func:`pipelines.kernels.mix_boxes.paste_boxes_nhwc`: the same pixels.)
+   box edges: batched tensor ops, no per-sample loop, no ``.item()``.
 
 The box arithmetic of a draw runs in one compiled call
 (:func:`pipelines.kernels.mix_boxes.box_arrays`), and :class:`Mixer` draws a
@@ -44,7 +42,7 @@ import torch
 
 from dataset_tools.settings import check_choices, setting
 from pipelines.batch import Batch, MixParams
-from pipelines.kernels.mix_boxes import box_arrays, paste_boxes_nhwc
+from pipelines.kernels.mix_boxes import box_arrays
 
 MODES = ("none", "mixup", "cutmix", "cutout")
 PARTNERS = ("randperm", "flip")
@@ -277,15 +275,7 @@ def cutmix_images(x: torch.Tensor, perm: torch.Tensor, boxes: torch.Tensor,
                   grid_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Paste ``x[perm]`` into each sample's box (boxes drawn on ``grid_hw``,
     default: ``x``'s own size; ``grid_mask``: the same boxes as a mask there)."""
-    mask = _view_mask(x, boxes, grid_hw, grid_mask)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and mask.device.type == "cpu" \
-            and x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:
-        # channels-last on the CPU: one compiled pass (see paste_boxes_nhwc)
-        out = torch.empty_like(x, memory_format=torch.channels_last)
-        paste_boxes_nhwc(x.permute(0, 2, 3, 1).numpy(), perm.numpy(), mask.numpy(),
-                         out.permute(0, 2, 3, 1).numpy())
-        return out
-    return torch.where(mask, x[perm], x)
+    return torch.where(_view_mask(x, boxes, grid_hw, grid_mask), x[perm], x)
 
 
 def cutout_images(x: torch.Tensor, boxes: torch.Tensor,
