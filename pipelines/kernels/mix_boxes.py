@@ -42,4 +42,3 @@ def box_arrays(box_h, box_w, centre_y, centre_x, height, width):
             for c in range(x0, x1):
                 mask[i, 0, r, c] = True
     return normalized, kept, mask
-
