@@ -353,18 +353,13 @@ def run(cfg: Config, args) -> dict:
 
 def plain_loop_rates(cfg: Config) -> dict:
     """The plain PyTorch loop (benchmarks.loop_efficiency) for the teacher's
-    and the students' model, batch size, resolution and memory format."""
-    import torch
+    and the students' model, batch size, resolution and memory format:
+    median images/sec of 3 blocks of 10 steps."""
+    from benchmarks.loop_efficiency import plain_loop_for
 
-    from benchmarks.loop_efficiency import plain_loop_images_per_sec
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     classes = open_store(cfg.data.train_store).num_classes
-    d, m = cfg.data, cfg.model
-    return {role: plain_loop_images_per_sec(arch, classes, d.batch_size, res, low_res_stem=stem,
-                                            channels_last=d.channels_last, device=device)
-            for role, arch, res, stem in (("teacher", m.teacher, d.teacher_resolution, m.teacher_low_res_stem),
-                                          ("student", m.student, d.student_size, m.student_low_res_stem))}
+    return {role: statistics.median(plain_loop_for(cfg, role, classes).block_rates())
+            for role in ("teacher", "student")}
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ next to the final val ECE and top-1, so a speed-up that costs calibration
 shows up in one place, and:
 
 * **loop efficiency**: that rate over the plain PyTorch loop's
-  (:func:`benchmarks.loop_efficiency.plain_loop_images_per_sec`: the same
+  (:class:`benchmarks.loop_efficiency.PlainLoop`: the same
   model, batch size, resolution, memory format and device, one fixed batch of
   random tensors, forward + backward + SGD step), measured in this run just
   before and just after the phase (median of both), so a machine whose speed
@@ -145,10 +145,7 @@ def plain_rates(cfg, role: str, num_classes: int, repeats: int = 3) -> list[floa
     (see module docstring); with the online teacher, its forward included."""
     from benchmarks.loop_efficiency import plain_loop_for
 
-    loop = plain_loop_for(cfg, role, num_classes)
-    for _ in range(5):
-        loop.step()
-    return [loop.block_rate(20) for _ in range(repeats)]
+    return plain_loop_for(cfg, role, num_classes).block_rates(warmup=5, steps=20, repeats=repeats)
 
 
 def run(s: E2ESettings, data: Path) -> dict:

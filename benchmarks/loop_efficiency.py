@@ -18,16 +18,10 @@ that ~2 % (docs/design/trainer.md).
 """
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Optional
 
 import torch
-
-
-def plain_loop_images_per_sec(*args, **kwargs) -> float:
-    """The median of :func:`plain_loop_block_rates`."""
-    return statistics.median(plain_loop_block_rates(*args, **kwargs))
 
 
 class PlainLoop:
@@ -75,17 +69,12 @@ class PlainLoop:
             torch.cuda.synchronize()
         return steps * self.batch_size / (time.perf_counter() - t0)
 
-
-def plain_loop_block_rates(arch: str, num_classes: int, batch_size: int, resolution: int, *,
-                           low_res_stem: bool = True, channels_last: bool = False, device="cpu",
-                           warmup: int = 3, steps: int = 10, repeats: int = 3, seed: int = 0,
-                           teacher: Optional[tuple[str, int, bool]] = None) -> list[float]:
-    """Images/sec of each of ``repeats`` timed blocks of the plain loop (see module docstring)."""
-    loop = PlainLoop(arch, num_classes, batch_size, resolution, low_res_stem=low_res_stem,
-                     channels_last=channels_last, device=device, seed=seed, teacher=teacher)
-    for _ in range(warmup):
-        loop.step()
-    return [loop.block_rate(steps) for _ in range(repeats)]
+    def block_rates(self, warmup: int = 3, steps: int = 10, repeats: int = 3) -> list[float]:
+        """``warmup`` untimed steps, then the images/sec of each of ``repeats``
+        blocks of ``steps`` steps."""
+        for _ in range(warmup):
+            self.step()
+        return [self.block_rate(steps) for _ in range(repeats)]
 
 
 def plain_loop_for(cfg, role: str, num_classes: int, device=None) -> PlainLoop:
