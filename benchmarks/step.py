@@ -56,6 +56,7 @@ from benchmarks.common import PeakRSS, machine_info, summarize
 from benchmarks.step_inputs import (ALL_MODES, StepSettings, SyntheticLoader, base_config,
                                     bench_trainer_class, make_batches, mode_config,
                                     write_synthetic_teacher_and_cache)
+from trainer.epoch_sums import EpochSums
 
 CALIBRATION_NOTE = ("calibration (ECE) is not reported here: on synthetic random batches it "
                     "means nothing; the e2e suite (python -m benchmarks run e2e) reports val ECE "
@@ -75,7 +76,7 @@ class Entry:
         self.seconds: list[float] = []
         self.steps = 0  # per timed block, set after the warm-up
         self.peak_device_bytes = 0
-        self.stats = {k: torch.zeros((), device=trainer.device) for k in ("loss", "correct", "n")}
+        self.sums = EpochSums(trainer.device, terms=trainer.criterion.weights)
 
     def run(self, n: int, offset: int = 0) -> None:
         for i in range(n):
@@ -95,7 +96,7 @@ def build_entries(s: StepSettings, root: Path) -> tuple[list[Entry], torch.devic
         if mode != "kd_online":  # the loader yields the teacher view only when the teacher runs
             batches = [replace(b, teacher=None) for b in batches]
         e = Entry(mode, t, batches, None)
-        e.fn = (lambda b, t=t, e=e: t.train_step(b, e.stats))
+        e.fn = (lambda b, t=t, e=e: t.train_step(b, e.sums))
         entries.append(e)
         if mode == "kd_online":  # the teacher's share of the online step, measured alone
             entries.append(Entry("teacher_forward", t, batches, lambda b, t=t: t.targets(b)))

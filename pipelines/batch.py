@@ -85,6 +85,9 @@ class Batch:
         return replace(self, **changes)
 
     def one_hot(self, num_classes: int) -> torch.Tensor:
-        """Label targets ``[B, C]``, mixed if the batch was mixed."""
-        t = torch.nn.functional.one_hot(self.labels, num_classes).float()
+        """Label targets ``[B, C]``, mixed if the batch was mixed. A scatter
+        into zeros: ``F.one_hot`` first scans the labels for their range, which
+        is most of its cost at this size."""
+        labels = self.labels
+        t = torch.zeros(labels.shape[0], num_classes, device=labels.device).scatter_(1, labels.view(-1, 1), 1.0)
         return self.mix.mix_targets(t) if self.mix is not None else t

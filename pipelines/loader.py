@@ -203,8 +203,10 @@ class BaseLoader(abc.ABC):
             raise ValueError(f"expected a 4-d image batch, got shape {tuple(images.shape)}")
         if images.shape[1] != 3 and images.shape[-1] == 3:  # NHWC -> NCHW view
             images = images.permute(0, 3, 1, 2)
-        x = images.to(self.device, non_blocking=True).float()
-        x = (x - self._mean) / self._std
+        x = images.to(self.device, non_blocking=True)
+        # in place where .float() made a new tensor (never into a backend's own buffer)
+        x = x.float().sub_(self._mean) if x.dtype != torch.float32 else x - self._mean
+        x = x.div_(self._std)
         fmt = torch.channels_last if self.cfg.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=fmt)
 

@@ -254,10 +254,10 @@ def _check_images(x: torch.Tensor, name: str) -> None:
 
 
 def mixup_images(x: torch.Tensor, perm: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """``lam * x + (1 - lam) * x[perm]`` per sample (same formula as
-    :meth:`MixParams.mix_targets`)."""
-    lam = lam.to(x.dtype).view(-1, 1, 1, 1)
-    return lam * x + (1 - lam) * x[perm]
+    """``lam * x + (1 - lam) * x[perm]`` per sample, as one ``lerp`` (the
+    formula of :meth:`MixParams.mix_targets`; ``index_select`` gathers
+    faster than advanced indexing on the CPU)."""
+    return torch.lerp(x.index_select(0, perm), x, lam.to(x.dtype).view(-1, 1, 1, 1))
 
 
 def _view_mask(x: torch.Tensor, boxes: torch.Tensor, grid_hw: Optional[tuple[int, int]],
@@ -275,7 +275,7 @@ def cutmix_images(x: torch.Tensor, perm: torch.Tensor, boxes: torch.Tensor,
                   grid_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Paste ``x[perm]`` into each sample's box (boxes drawn on ``grid_hw``,
     default: ``x``'s own size; ``grid_mask``: the same boxes as a mask there)."""
-    return torch.where(_view_mask(x, boxes, grid_hw, grid_mask), x[perm], x)
+    return torch.where(_view_mask(x, boxes, grid_hw, grid_mask), x.index_select(0, perm), x)
 
 
 def cutout_images(x: torch.Tensor, boxes: torch.Tensor,

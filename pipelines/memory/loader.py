@@ -134,10 +134,14 @@ def resident_split(store: Store, lowres_side: Optional[int], device: torch.devic
 
 def view_bank(split: ResidentSplit, key: tuple, views, view_ids: tuple[int, ...], size: int,
               max_bytes: int) -> Optional[torch.Tensor]:
-    """uint8 ``[len(view_ids), n, 3, size, size]``: view ``view_ids[j]`` of every
-    sample, resized once (see module docstring); None when it would not fit
-    ``max_bytes``. Kept per process under ``key`` (the split, the view
-    contract, the size)."""
+    """uint8 ``[len(view_ids) * n, 3, size, size]``: view ``view_ids[j]`` of
+    sample ``i`` at row ``j * n + i`` (a batch is one ``index_select`` of
+    rows, faster than advanced indexing on the CPU), resized once (see module
+    docstring); None when it would not fit ``max_bytes``. Kept per process
+    under ``key`` (the split, the view contract, the size). The rows stay
+    channels-first even for channels-last training: normalizing there and
+    then converting is faster on the CPU than broadcasting over a
+    channels-last batch."""
     if key in _BANKS:
         _BANKS.move_to_end(key)
         return _BANKS[key]
@@ -145,13 +149,13 @@ def view_bank(split: ResidentSplit, key: tuple, views, view_ids: tuple[int, ...]
     if len(view_ids) * n * 3 * size * size > max_bytes:
         return None
     dev = split.images.device
-    bank = torch.empty(len(view_ids), n, 3, size, size, dtype=torch.uint8, device=dev)
+    bank = torch.empty(len(view_ids) * n, 3, size, size, dtype=torch.uint8, device=dev)
     for j, vid in enumerate(view_ids):
         for a in range(0, n, _BANK_CHUNK):
             idx = np.arange(a, min(a + _BANK_CHUNK, n), dtype=np.int64)
             boxes, flips = view_params(views, idx, np.full(len(idx), vid, dtype=np.int64))
             pix = torch.from_numpy(pixel_boxes(boxes, split.heights[idx], split.widths[idx])).to(dev)
-            bank[j, a:a + len(idx)] = resized_crop_batch(split.images[a:a + len(idx)], pix,
+            bank[j * n + idx] = resized_crop_batch(split.images[a:a + len(idx)], pix,
                                                          torch.from_numpy(flips).to(dev), size).to(torch.uint8)
     _BANKS[key] = bank
     while len(_BANKS) > _MAX_BANKS:
@@ -197,12 +201,13 @@ class MemoryLoader(BaseLoader):
         return tuple(range(cfg.num_views))  # replay mode; () in random mode
 
     def _views_of(self, size: int, idx, vids, pix, flips) -> torch.Tensor:
-        """float32 ``[b, 3, size, size]`` levels of these samples' views."""
+        """``[b, 3, size, size]`` levels of these samples' views: float32
+        resized now, or uint8 rows of the view bank."""
         bank = self.banks[size]
         if bank is None:
             return resized_crop_batch(self.split.images.index_select(0, idx), pix, flips, size)
         slot = vids if self.bank_views[0] == 0 else vids - self.bank_views[0]
-        return bank[slot, idx].float()
+        return bank.index_select(0, slot * self.split.images.shape[0] + idx)
 
     def _epoch_plan(self) -> dict:
         """This rank's order, view ids, boxes, flips and pixel boxes for the

@@ -53,5 +53,11 @@ class DistillLoss(nn.Module):
                 raise ValueError(f"loss.{name} > 0 but the batch has no {', '.join(missing)} "
                                  f"(distill.targets=none gives no teacher)")
             parts[name] = term(x)
-        total = sum(self.weights[k] * v for k, v in parts.items())
+        total = None  # the weighted sum in as few ops as possible: one add(alpha=w) per further term
+        for k, v in parts.items():
+            w = self.weights[k]
+            if total is None:
+                total = v if w == 1.0 else v * w
+            else:
+                total = torch.add(total, v, alpha=w)
         return total, {k: v.detach() for k, v in parts.items()}
