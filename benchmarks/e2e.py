@@ -20,6 +20,13 @@ shows up in one place, and:
   random tensors, forward + backward + SGD step), measured in this run just
   before and just after the phase (median of both), so a machine whose speed
   drifts moves numerator and denominator alike;
+* **paired loop efficiency** (``loop_efficiency_paired``): after the jobs,
+  each training phase's recipe measured again with
+  :func:`benchmarks.loop_pairs.paired_efficiency` (``pair_rounds`` rounds
+  of whole epochs, each step of the job paired with a plain-loop step on
+  the CPU), the figure that survives a machine whose speed drifts; the
+  CutMix phase is measured as that kind mixes every batch (``--p-cutmix 1``,
+  the default);
 * **time to first step**: from the ``Trainer``'s construction (stores opened,
   loaders built, numba compiled or loaded from its cache) to the end of the
   first optimizer step, from the job's ``log.jsonl``.
@@ -63,6 +70,8 @@ class E2ESettings:
     workers: int = 2
     p_cutmix: float = 1.0
     seed: int = 0
+    pair_rounds: int = 5  # rounds of benchmarks.loop_pairs per training phase (0: none)
+    pair_seconds: float = 1.0  # each round's epochs last about this long
 
 
 # --quick: a few minutes on 2 CPU cores (small CIFAR models, 1000 train images)
@@ -148,6 +157,10 @@ def plain_rates(cfg, role: str, num_classes: int, repeats: int = 3) -> list[floa
     return plain_loop_for(cfg, role, num_classes).block_rates(warmup=5, steps=20, repeats=repeats)
 
 
+PAIRED_KIND = {"teacher": "teacher", "student_kd": "kd_cached", "student_kd_cutmix": "kd_cutmix",
+               "student_kd_online": "kd_online"}  # phase -> benchmarks.loop_profile.KINDS
+
+
 def run(s: E2ESettings, data: Path) -> dict:
     from trainer import jobs
 
@@ -174,6 +187,7 @@ def run(s: E2ESettings, data: Path) -> dict:
         print(f"teacher: val top-1 {r['val_top1']:.3f}, ECE {r['val_ece']:.3f} ({sec:.0f} s)",
               file=sys.stderr)
         out["teacher"] = phase_result(r, cfg.teacher_dir / "log.jsonl", sec, mb, plain)
+        configs = {"teacher": cfg}
         r, sec, mb, _ = timed(jobs.run_cache, cfg)
         views = r["num_samples"] * r["num_views"]
         out["cache"] = {"images_per_sec": summarize([views / r["seconds"]]), "seconds": sec,
@@ -188,13 +202,21 @@ def run(s: E2ESettings, data: Path) -> dict:
             print(f"{tag}: val top-1 {r['val_top1']:.3f}, ECE {r['val_ece']:.3f} ({sec:.0f} s)",
                   file=sys.stderr)
             out[tag] = phase_result(r, c.student_dir / "log.jsonl", sec, mb, plain)
+            configs[tag] = c
+        if s.pair_rounds > 0:
+            from benchmarks.loop_pairs import paired_efficiency
+
+            for tag, kind in PAIRED_KIND.items():
+                e = paired_efficiency(configs[tag], kind, s.pair_rounds, s.pair_seconds)["loop_efficiency"]
+                out[tag]["loop_efficiency_paired"] = {**e, "n": s.pair_rounds}
     loss = cfg.loss
     return {
         "benchmark": "end-to-end distillation on a CIFAR-100 subset (trainer.jobs)",
         "method": "train images/sec = median over epochs after the first; loop efficiency = that "
                   "over the plain PyTorch loop's images/sec (same model, batch, resolution, memory "
-                  "format, device; 3 blocks before and 3 after the phase, median); val ECE/top-1 of "
-                  "the final epoch; conversion not timed",
+                  "format, device; 3 blocks before and 3 after the phase, median); paired loop "
+                  "efficiency = benchmarks.loop_pairs on each phase's recipe after the jobs (median "
+                  "over pair_rounds rounds); val ECE/top-1 of the final epoch; conversion not timed",
         "settings": {**asdict(s), "recipe": str(RECIPE.relative_to(_REPO)),
                      "loss": {"ce": loss.ce, "kd": loss.kd, "temperature": loss.temperature},
                      "config": json.loads(json.dumps(asdict(cfg), default=str)),
@@ -233,13 +255,14 @@ def main(argv=None) -> int:
     if a.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"{'phase':18s} {'img/s':>9s} {'loop eff.':>9s} {'1st step s':>10s} {'val ECE':>8s} "
-              f"{'top-1':>7s} {'peak MB':>8s}")
+        print(f"{'phase':18s} {'img/s':>9s} {'loop eff.':>9s} {'paired':>7s} {'1st step s':>10s} "
+              f"{'val ECE':>8s} {'top-1':>7s} {'peak MB':>8s}")
         nan = float("nan")
         for name, r in report["results"].items():
             eff = r.get("loop_efficiency", {}).get("median", nan)
+            paired = r.get("loop_efficiency_paired", {}).get("median", nan)
             first = r.get("first_step_seconds") or nan
-            print(f"{name:18s} {r['images_per_sec']['median']:9.0f} {eff:9.2f} {first:10.1f} "
+            print(f"{name:18s} {r['images_per_sec']['median']:9.0f} {eff:9.2f} {paired:7.2f} {first:10.1f} "
                   f"{r.get('val_ece', nan):8.3f} {r.get('val_top1', nan):7.3f} {r['peak_rss_mb']:8.0f}")
     return 0
 

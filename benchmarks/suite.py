@@ -141,6 +141,9 @@ def e2e_figures(rep: dict, min_change: float = 0.02) -> dict:
         if "loop_efficiency" in r:  # the job over the plain PyTorch loop, measured in this run
             out[f"{phase}.loop_efficiency"] = _from_summary(r["loop_efficiency"], unit="x plain loop",
                                                             scope="relative", peak_rss_mb=mem)
+        if "loop_efficiency_paired" in r:  # the same, step-paired (benchmarks.loop_pairs)
+            out[f"{phase}.loop_efficiency_paired"] = _from_summary(
+                r["loop_efficiency_paired"], unit="x plain loop (paired)", scope="relative", peak_rss_mb=mem)
         if r.get("first_step_seconds") is not None:
             out[f"{phase}.first_step_seconds"] = figure(r["first_step_seconds"], unit="s",
                                                           higher=False, peak_rss_mb=mem)

@@ -213,10 +213,17 @@ def test_suite_figures_from_reports():
     e2e = {"results": {
         "student_kd": {"images_per_sec": summary, "val_ece": 0.05, "val_top1": 0.4, "peak_rss_mb": 1.0},
         "student_kd_cutmix": {"images_per_sec": dict(summary, median=150.0), "val_ece": 0.04,
-                              "val_top1": 0.38, "peak_rss_mb": 1.0}}}
+                              "val_top1": 0.38, "peak_rss_mb": 1.0,
+                              "loop_efficiency": {"median": 0.88, "min": 0.8, "max": 0.95, "n": 5},
+                              "loop_efficiency_paired": {"median": 0.91, "min": 0.9, "max": 0.92, "n": 5}}}}
     f = suite.e2e_figures(e2e)
     assert f["student_kd.val_ece"]["scope"] == "quality" and not f["student_kd.val_ece"]["higher_is_better"]
     assert f["student_kd_cutmix_over_kd.images_per_sec"]["median"] == 0.75
+    paired = f["student_kd_cutmix.loop_efficiency_paired"]
+    assert paired["median"] == 0.91 and paired["spread"] == [0.9, 0.92] and paired["repeats"] == 5
+    assert paired["scope"] == "relative" and paired["higher_is_better"]
+    assert f["student_kd_cutmix.loop_efficiency"]["median"] == 0.88
+    assert "student_kd.loop_efficiency_paired" not in f
 
 
 # ------------------------------------------------------------- step benchmark
