@@ -48,7 +48,7 @@ from trainer.run_settings import (RoleSettings, amp_dtype, calibrated_temperatur
 from trainer.teacher import init_from_weights, load_teacher, teacher_hash
 
 
-_NO_PHASE = nullcontext()
+_NO_OP = nullcontext()
 
 
 def phase(name: str):
@@ -56,7 +56,7 @@ def phase(name: str):
     context: each label costs ~8 us (eight per step, ~0.4 % of a CPU student
     step) when nothing listens. torch has no public check for a running
     profiler; this private one costs ~0.1 us."""
-    return record_function(name) if torch._C._autograd._profiler_enabled() else _NO_PHASE
+    return record_function(name) if torch._C._autograd._profiler_enabled() else _NO_OP
 
 
 class Trainer:
@@ -170,7 +170,7 @@ class Trainer:
     # ------------------------------------------------------------------ steps
     def _autocast(self):
         if self.amp is None:  # a disabled autocast still costs ~5 us to enter and leave
-            return _NO_PHASE
+            return _NO_OP
         return torch.autocast(self.device.type, dtype=self.amp)
 
     def train_step(self, batch, sums: EpochSums):

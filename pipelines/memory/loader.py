@@ -155,8 +155,9 @@ def view_bank(split: ResidentSplit, key: tuple, views, view_ids: tuple[int, ...]
             idx = np.arange(a, min(a + _BANK_CHUNK, n), dtype=np.int64)
             boxes, flips = view_params(views, idx, np.full(len(idx), vid, dtype=np.int64))
             pix = torch.from_numpy(pixel_boxes(boxes, split.heights[idx], split.widths[idx])).to(dev)
-            bank[j * n + idx] = resized_crop_batch(split.images[a:a + len(idx)], pix,
-                                                         torch.from_numpy(flips).to(dev), size).to(torch.uint8)
+            lo = j * n + a
+            bank[lo:lo + len(idx)] = resized_crop_batch(split.images[a:a + len(idx)], pix,
+                                                        torch.from_numpy(flips).to(dev), size).to(torch.uint8)
     _BANKS[key] = bank
     while len(_BANKS) > _MAX_BANKS:
         _BANKS.popitem(last=False)
