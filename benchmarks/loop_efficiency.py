@@ -13,8 +13,8 @@ timed blocks of ``steps`` steps.
 
 The plain loop's SGD is torch's default (a loop over parameter tensors), as
 a user would write it; the trainer's is ``fused``, which on the CPU saves
-~0.3 ms of a ~17 ms resnet8 step at 16 px, so the students' ratios include
-that ~2 % (docs/design/trainer.md).
+~0.3-0.45 ms of a ~17 ms resnet8 step at 16 px, so the students' ratios
+include that 2-2.5 % (docs/results.md, "Loop efficiency").
 """
 from __future__ import annotations
 
