@@ -22,6 +22,7 @@ The rules every job follows (the README's multi-process section says the same):
 """
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 from typing import Any, Sequence
@@ -84,9 +85,13 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group (the end of a CLI job)."""
+    """Leave the process group (the end of a CLI job). Objects that still
+    hold the group (a finished job's trainer, its DDP reducer) are collected
+    first, so the group is freed now rather than during interpreter exit,
+    where freeing a gloo group can abort the process."""
     global _wait_group
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
     _wait_group = None
 

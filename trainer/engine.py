@@ -382,3 +382,8 @@ class Trainer:
                 loader.close()
         if self.tb is not None:
             self.tb.close()
+        # The DDP wrappers' reducers hold the process group; dropped here, the
+        # group can be destroyed while the interpreter is alive (a gloo group
+        # freed during interpreter exit can abort the process: SIGABRT).
+        self.model = self.forward = unwrap(self.model)
+        self.loss_fn = self.criterion

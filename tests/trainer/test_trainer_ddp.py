@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainer.checkpoint import unwrap, weights_hash
+from trainer.distributed import shutdown
 from trainer.engine import Trainer
 from trainer_helpers import make_cfg
 
@@ -42,7 +43,9 @@ def _worker(rank: int, world: int, port: int, stores: dict, out: str) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"before": before, "after": after, "seen": seen, "steps": trainer.global_step}, f)
     trainer.close()
-    dist.destroy_process_group()
+    del trainer  # as a CLI job ends: nothing holds the process group when it is destroyed
+    shutdown()
+    assert not dist.is_initialized()
 
 
 def test_two_process_ddp_steps_keep_replicas_identical(cifar_stores, tmp_path):
