@@ -89,5 +89,6 @@ class Batch:
         into zeros: ``F.one_hot`` first scans the labels for their range, which
         is most of its cost at this size."""
         labels = self.labels
-        t = torch.zeros(labels.shape[0], num_classes, device=labels.device).scatter_(1, labels.view(-1, 1), 1.0)
+        t = torch.zeros(labels.shape[0], num_classes, device=labels.device)
+        t.scatter_(1, labels.view(-1, 1), 1.0)
         return self.mix.mix_targets(t) if self.mix is not None else t

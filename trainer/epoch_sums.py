@@ -36,12 +36,10 @@ class EpochSums:
             self.parts.setdefault(k, []).append(v)
         self.hits.append(logits.detach().argmax(1) == labels)
 
-    def __len__(self) -> int:
-        return len(self.sizes)
-
-    def _weighted(self, values: List[torch.Tensor]) -> torch.Tensor:
-        sizes = torch.tensor(self.sizes, dtype=torch.float32, device=self.device)
-        return torch.dot(torch.stack(values).float().reshape(-1), sizes)
+    def _weighted(self, values: List[torch.Tensor], start: int = 0) -> torch.Tensor:
+        """Sum over steps ``start:`` of each step's mean times its batch size."""
+        sizes = torch.tensor(self.sizes[start:], dtype=torch.float32, device=self.device)
+        return torch.dot(torch.stack(values[start:]).float().reshape(-1), sizes)
 
     def totals(self) -> Dict[str, torch.Tensor]:
         """Device scalars to all-reduce across ranks: ``loss`` and each term
@@ -59,9 +57,7 @@ class EpochSums:
         """The epoch's mean loss so far (a host sync: for the progress bar).
         The steps since the last call are folded into one running sum, so
         asking every few steps stays O(steps) over the epoch."""
-        new = self.losses[self._folded:]
-        if new:
-            sizes = torch.tensor(self.sizes[self._folded:], dtype=torch.float32, device=self.device)
-            self._loss_sum = self._loss_sum + torch.dot(torch.stack(new).float().reshape(-1), sizes)
+        if self._folded < len(self.losses):
+            self._loss_sum = self._loss_sum + self._weighted(self.losses, self._folded)
             self._folded = len(self.losses)
         return (self._loss_sum / max(1, sum(self.sizes))).item()
